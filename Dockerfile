@@ -1,0 +1,115 @@
+# aleph-proxy container image.
+#
+#   docker build -t aleph-proxy:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+#   docker run --rm aleph-proxy:0.1.0 --help
+#
+# Two stages: a Debian Rust image compiles a fully static musl binary, and the
+# runtime image is distroless "static" (no shell, no package manager, no libc),
+# so the image is little more than the binary. TLS is rustls with the webpki
+# roots compiled in: reaching api.satellogic.com needs no CA bundle from the
+# image. (Behind a TLS-inspecting proxy, mount its CA and set `upstream_ca_file`.)
+
+# Pin a minor (rust:1.95-slim-bookworm) or a digest for reproducible release
+# builds; the crate's rust-version in Cargo.toml is the floor.
+ARG RUST_IMAGE=rust:1-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot
+
+# ---------------------------------------------------------------------------
+FROM ${RUST_IMAGE} AS build
+
+# x86_64 by default. For arm64 build on an arm64 host (or buildx with
+# --platform linux/arm64) with --build-arg RUST_TARGET=aarch64-unknown-linux-musl.
+ARG RUST_TARGET=x86_64-unknown-linux-musl
+
+# musl-tools provides musl-gcc, which the `cc` crate uses to compile ring's C
+# and assembly for the musl target.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends musl-tools \
+ && rm -rf /var/lib/apt/lists/* \
+ && rustup target add "${RUST_TARGET}"
+
+WORKDIR /src
+
+# Dependency layer: compile every dependency against a stub crate that has the
+# real Cargo.toml and Cargo.lock. Docker reuses this layer until one of those
+# two files changes, so an edit under src/ recompiles aleph-proxy alone.
+# Cargo refuses a manifest whose declared targets have no file, so every
+# explicit [[bench]]/[[test]]/[[example]]/[[bin]]/[lib] in Cargo.toml needs a
+# stub here too (.ci/validate-deploy.sh checks this list against Cargo.toml).
+# `cargo clean -p` then drops the stub's own artefacts: COPY keeps the sources'
+# original mtimes, which may be older than the stub's, and cargo would
+# otherwise consider the stub build up to date.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > benches/rewrite.rs \
+ && cargo build --release --locked --target "${RUST_TARGET}" \
+ && cargo clean --release --target "${RUST_TARGET}" -p aleph-proxy \
+ && rm -rf src benches
+
+# The whole context (trimmed by .dockerignore), so a build.rs, a new target or
+# a file pulled in with include_str! is never missing from the image build.
+COPY . .
+
+# The readelf test fails the build rather than ship a binary that needs a
+# dynamic loader the runtime image does not have; --help proves it starts.
+RUN cargo build --release --locked --target "${RUST_TARGET}" \
+ && install -D -m 0755 "target/${RUST_TARGET}/release/aleph-proxy" /out/aleph-proxy \
+ && if readelf -l /out/aleph-proxy | grep -q 'program interpreter'; then \
+        echo 'aleph-proxy is dynamically linked; the static runtime image cannot run it' >&2; \
+        exit 1; \
+    fi \
+ && /out/aleph-proxy --help > /dev/null
+
+# ---------------------------------------------------------------------------
+# distroless/static:nonroot holds /etc/passwd with user "nonroot" (65532), a
+# CA bundle and tzdata, nothing else. `FROM scratch` with `USER 65532:65532`
+# also runs the proxy (its webpki roots are compiled in), but loses that CA
+# bundle, which the native-roots lookup would otherwise add to the trust store.
+FROM ${RUNTIME_IMAGE}
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="aleph-proxy" \
+      org.opencontainers.image.description="Authenticating sidecar proxy for Satellogic's Aleph API: injects a fresh OAuth2 token and the contract header into every request." \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="gcr.io/distroless/static-debian12:nonroot"
+
+COPY --from=build /out/aleph-proxy /aleph-proxy
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 65532:65532
+
+# In a container the client reaches the proxy over the container network, so
+# the image listens on every interface. That exposes it to every container on
+# that network: whoever runs the image sets an access guard
+# (ALEPH_PROXY_ACCESS__KEY_FILE or ALEPH_PROXY_ACCESS__ALLOWED_CIDRS), or sets
+# ALEPH_PROXY_LISTEN=127.0.0.1:8080 when the client shares the proxy's network
+# namespace (a Kubernetes pod, compose `network_mode: service:...`).
+# Environment variables take precedence over the TOML config file, so a
+# mounted config file cannot change these: override them in the environment.
+# JSON logs suit container log collectors; ALEPH_PROXY_LOG__FORMAT=text reads better by eye.
+ENV ALEPH_PROXY_LISTEN=0.0.0.0:8080 \
+    ALEPH_PROXY_ADMIN__LISTEN=0.0.0.0:9090 \
+    ALEPH_PROXY_LOG__FORMAT=json
+
+# 8080: the proxy. 9090: admin (/healthz, /readyz, /metrics), no API traffic.
+EXPOSE 8080 9090
+
+# The image has no shell or curl, so the binary probes itself: `healthcheck`
+# GETs the running instance's /readyz and exits non-zero unless it is ready.
+# The start period covers the first token fetch. The probe sees the container's
+# environment but not its command line, so give a config file as
+# ALEPH_PROXY_CONFIG rather than `--config`, or a non-default admin address in
+# that file goes unseen by the probe.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["/aleph-proxy", "healthcheck"]
+
+# SIGTERM starts a graceful drain (shutdown.drain_timeout, 25s by default):
+# give `docker stop -t` / compose `stop_grace_period` more than that.
+STOPSIGNAL SIGTERM
+
+ENTRYPOINT ["/aleph-proxy"]
+CMD ["run"]

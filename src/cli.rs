@@ -1,0 +1,437 @@
+//! The command line: `aleph-proxy [run]`, `demo`, `check`, `token`, `contracts`, `healthcheck`.
+//! Flags are the last figment layer, above the config file and the environment.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config, Overrides};
+use crate::mock::{Mock, MockOptions, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aleph-proxy",
+    version,
+    about = "Authenticating sidecar proxy for Satellogic's Aleph API: point any tool at it and it adds a fresh token and the contract header.",
+    after_help = "Configuration layers: built-in defaults < TOML file (--config) < ALEPH_PROXY_* environment < flags.\nExample: ALEPH_PROXY_AUTH__CLIENT_ID=... ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE=/run/secrets/aleph aleph-proxy"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct Global {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "ALEPH_PROXY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Proxy listen address (overrides `listen`).
+    #[arg(long, global = true)]
+    pub listen: Option<String>,
+    /// Admin listen address (overrides `admin.listen`).
+    #[arg(long, global = true)]
+    pub admin_listen: Option<String>,
+    /// Upstream API base URL (overrides `upstream`).
+    #[arg(long, global = true)]
+    pub upstream: Option<String>,
+    /// Default contract id (overrides `contract.default`).
+    #[arg(long, global = true)]
+    pub contract: Option<String>,
+    /// Log format: text or json (overrides `log.format`).
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Run the proxy in front of a built-in mock of the Aleph API; no credentials needed.
+    Demo,
+    /// Validate the configuration, fetch a token, list contracts, show contract routing.
+    Check,
+    /// Print a fresh access token to stdout (for scripts).
+    Token,
+    /// List the contracts of the configured credential.
+    Contracts {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running instance's /readyz; exit 0 when ready (for images without curl).
+    Healthcheck {
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+}
+
+impl Global {
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        if let Some(v) = &self.listen {
+            o.set("listen", v.as_str());
+        }
+        if let Some(v) = &self.admin_listen {
+            o.set("admin.listen", v.as_str());
+        }
+        if let Some(v) = &self.upstream {
+            o.set("upstream", v.as_str());
+        }
+        if let Some(v) = &self.contract {
+            o.set("contract.default", v.as_str());
+        }
+        if let Some(v) = &self.log_format {
+            o.set("log.format", v.as_str());
+        }
+        o
+    }
+
+    pub fn load(&self) -> Result<Config, config::ConfigError> {
+        config::load(self.config.as_deref(), &self.overrides())
+    }
+}
+
+/// Runs a parsed command line to completion.
+pub async fn main(cli: Cli) -> ExitCode {
+    let g = cli.global.clone();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&g).await,
+        Command::Demo => demo(&g).await,
+        Command::Check => check(&g).await,
+        Command::Token => token(&g).await,
+        Command::Contracts { json } => contracts(&g, json).await,
+        Command::Healthcheck { timeout } => healthcheck(&g, Duration::from_secs(timeout)).await,
+    }
+}
+
+fn load_or_report(g: &Global) -> Option<Config> {
+    match g.load() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprint!("aleph-proxy: {e}");
+            None
+        }
+    }
+}
+
+async fn run(g: &Global) -> ExitCode {
+    let Some(config) = load_or_report(g) else {
+        crate::telemetry::init_logging(config::LogFormat::Text);
+        return ExitCode::from(2);
+    };
+    crate::telemetry::init_logging(config.log_format);
+    serve(config).await
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let bound = match crate::bind(&config).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match crate::run(config, bound, crate::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The demo configuration: the proxy in front of a running mock.
+pub fn demo_config(mock: &Mock, g: &Global) -> Result<Config, config::ConfigError> {
+    let mut o = Overrides::default();
+    o.set("upstream", mock.api_url.as_str());
+    o.set("auth.token_url", mock.token_url.as_str());
+    o.set("auth.client_id", MOCK_CLIENT_ID);
+    o.set("auth.client_secret", MOCK_CLIENT_SECRET);
+    for (k, v) in g.overrides().0 {
+        o.0.insert(k, v);
+    }
+    config::from_figment(&config::figment(None, &o).select("__demo_no_env__"))
+        .or_else(|_| config::from_figment(&figment_only(&o)))
+}
+
+fn figment_only(o: &Overrides) -> figment::Figment {
+    let mut fig = figment::Figment::new();
+    for (k, v) in &o.0 {
+        fig = fig.merge(figment::providers::Serialized::default(k, v.clone()));
+    }
+    fig
+}
+
+async fn demo(g: &Global) -> ExitCode {
+    crate::telemetry::init_logging(config::LogFormat::Text);
+    let mock = match Mock::start(MockOptions::default()).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("aleph-proxy demo: cannot start the mock API: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let config = match demo_config(&mock, g) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("aleph-proxy demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bound = match crate::bind(&config).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("aleph-proxy demo: {e}\nTry another port: aleph-proxy demo --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:19090");
+            return ExitCode::from(1);
+        }
+    };
+    let p = bound.proxy_addrs()[0];
+    let a = bound.admin_addr();
+    println!(
+        r#"
+aleph-proxy demo: the proxy on http://{p} in front of a mock Aleph API ({api}).
+It fetched no real credentials; the mock issues tokens like the real token endpoint.
+Try, in another terminal:
+
+  curl -s http://{p}/contracts
+  curl -s http://{p}/tasking/products/
+  curl -s 'http://{p}/tasking/tasks/?limit=2'               # "next" points back at the proxy
+  curl -s http://{p}/archive/stac/ | head -c 600
+  curl -s 'http://{p}/archive/stac/search?limit=1'
+  curl -s -r 0-15 -o /dev/null -w '%{{http_code}} %{{size_download}} bytes\n' \
+       'http://{p}/assets/l1d/20240101_120000_SN00_L1D_0000/analytic'
+  curl -s -H 'authorizationToken: Bearer stolen' http://{p}/tasking/products/   # replaced by the proxy's
+  curl -s http://{a}/readyz
+  curl -s http://{a}/metrics | grep aleph_proxy_requests_total
+
+Stop with Ctrl-C.
+"#,
+        api = mock.api_url
+    );
+    match crate::run(config, bound, crate::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aleph-proxy demo: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn check(g: &Global) -> ExitCode {
+    crate::telemetry::init_logging(config::LogFormat::Text);
+    let Some(config) = load_or_report(g) else {
+        return ExitCode::from(2);
+    };
+    println!("configuration: ok");
+    let rt = match crate::Runtime::new(&config) {
+        Ok(rt) => rt,
+        Err(e) => {
+            println!("runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut ok = true;
+    for (i, tokens) in rt.tokens.iter().enumerate() {
+        let cred = &config.credentials[i];
+        match tokens.fetch().await {
+            Ok(t) => {
+                println!(
+                    "credential {} ({}): token ok, expires in {} s",
+                    i,
+                    cred.client_id,
+                    (t.expires_at - t.issued_at).as_secs()
+                );
+                let list = match list_with(&rt, i, t).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        println!("  contracts: {e}");
+                        ok = false;
+                        continue;
+                    }
+                };
+                let ids: Vec<&str> = list.iter().map(|c| c.contract_id.as_str()).collect();
+                println!(
+                    "  contracts: {}",
+                    if ids.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        ids.join(", ")
+                    }
+                );
+                for (li, l) in config
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.credential == i)
+                {
+                    println!("  listener {li} on {}:", l.listen);
+                    for r in &l.contract.routes {
+                        let known = ids.contains(&r.id.as_str());
+                        ok &= known;
+                        println!(
+                            "    {}/... -> {}{}",
+                            r.prefix.trim_end_matches('/'),
+                            r.id,
+                            if known {
+                                ""
+                            } else {
+                                "  (NOT a contract of this credential)"
+                            }
+                        );
+                    }
+                    match &l.contract.default {
+                        Some(d) => {
+                            let known = ids.contains(&d.as_str());
+                            ok &= known;
+                            println!("    everything else -> {d}{}", if known { "" } else { "  (NOT a contract of this credential)" });
+                        }
+                        None => match ids.as_slice() {
+                            [one] => println!("    everything else -> {one} (discovered: the credential's only contract)"),
+                            _ => {
+                                println!("    everything else -> NONE: set contract.default (the credential has {} contracts)", ids.len());
+                                ok = false;
+                            }
+                        },
+                    }
+                    println!("    /contracts -> (no contract header)");
+                }
+            }
+            Err(e) => {
+                println!("credential {} ({}): {e}", i, cred.client_id);
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        println!("all good");
+        ExitCode::SUCCESS
+    } else {
+        println!("problems found");
+        ExitCode::from(1)
+    }
+}
+
+async fn list_with(
+    rt: &crate::Runtime,
+    credential: usize,
+    token: crate::token::Token,
+) -> Result<Vec<crate::proxy::contract::ContractInfo>, String> {
+    rt.tokens[credential].install_for_tools(token);
+    rt.list_contracts(credential).await
+}
+
+async fn fetch_token_once(
+    g: &Global,
+) -> Result<(Config, crate::Runtime, crate::token::Token), ExitCode> {
+    crate::telemetry::init_logging(config::LogFormat::Text);
+    let Some(config) = load_or_report(g) else {
+        return Err(ExitCode::from(2));
+    };
+    let rt = crate::Runtime::new(&config).map_err(|e| {
+        eprintln!("aleph-proxy: {e}");
+        ExitCode::from(1)
+    })?;
+    match rt.tokens[0].fetch().await {
+        Ok(t) => Ok((config, rt, t)),
+        Err(e) => {
+            eprintln!("aleph-proxy: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+async fn token(g: &Global) -> ExitCode {
+    match fetch_token_once(g).await {
+        Ok((config, _, t)) => {
+            if config.credentials[0].mode == config::AuthMode::Legacy {
+                eprintln!("aleph-proxy: auth.mode is legacy: there is no access token to print");
+                return ExitCode::from(1);
+            }
+            println!("{}", t.access_token.expose());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+async fn contracts(g: &Global, json: bool) -> ExitCode {
+    let (_, rt, t) = match fetch_token_once(g).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match list_with(&rt, 0, t).await {
+        Ok(list) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+            } else {
+                println!("{:<40} NAME", "CONTRACT ID");
+                for c in list {
+                    println!("{:<40} {}", c.contract_id, c.name.unwrap_or_default());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aleph-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Only `admin.listen` matters here, so a config with other problems still health-checks.
+async fn healthcheck(g: &Global, timeout: Duration) -> ExitCode {
+    let fig = config::figment(g.config.as_deref(), &g.overrides());
+    let text = fig
+        .extract_inner::<String>("admin.listen")
+        .unwrap_or_else(|_| config::DEFAULT_ADMIN_LISTEN.to_string());
+    let mut addr = match config::parse_listen(&text) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("aleph-proxy healthcheck: admin.listen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let url = format!("http://{addr}/readyz");
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aleph-proxy healthcheck: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => {
+            println!("ready ({url})");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            println!("not ready ({url}: {status}) {body}");
+            ExitCode::from(1)
+        }
+        Err(_) => {
+            println!("not running ({url} unreachable)");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1156 @@
+//! Configuration: figment layers (defaults < TOML file < `ALEPH_PROXY_*` env < CLI flags) parsed into a
+//! typed, validated [`Config`]. Every problem (unknown key, bad type, bad value) is collected and
+//! reported at once; secrets are held in [`Secret`] and never printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use ipnet::IpNet;
+use url::Url;
+
+use crate::secret::Secret;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_UPSTREAM: &str = "https://api.satellogic.com";
+pub const DEFAULT_TOKEN_URL: &str = "https://auth.platform.satellogic.com/oauth/token";
+pub const DEFAULT_AUDIENCE: &str = "https://api.satellogic.com/";
+pub const ENV_PREFIX: &str = "ALEPH_PROXY_";
+
+/// Every key the configuration accepts, as dotted paths. `[]` marks an array of tables.
+/// Unknown keys are errors (a typo must not silently fall back to a default).
+const KNOWN_KEYS: &[&str] = &[
+    "listen",
+    "upstream",
+    "upstream_ca_file",
+    "public_url",
+    "auth",
+    "auth.mode",
+    "auth.token_url",
+    "auth.audience",
+    "auth.client_id",
+    "auth.client_secret",
+    "auth.client_secret_file",
+    "auth.token_cache",
+    "auth.wait_timeout",
+    "auth.retry_initial_backoff",
+    "auth.retry_max_backoff",
+    "contract",
+    "contract.default",
+    "contract.allow_client_override",
+    "contract.routes",
+    "contract.routes[].prefix",
+    "contract.routes[].id",
+    "admin",
+    "admin.listen",
+    "listeners",
+    "listeners[].listen",
+    "listeners[].contract",
+    "listeners[].auth",
+    "listeners[].auth.client_id",
+    "listeners[].auth.client_secret",
+    "listeners[].auth.client_secret_file",
+    "timeouts",
+    "timeouts.connect",
+    "timeouts.response_headers",
+    "timeouts.body_idle",
+    "timeouts.request_headers",
+    "timeouts.token_request",
+    "retry",
+    "retry.max_retries",
+    "retry.max_elapsed",
+    "retry.replay_body_limit",
+    "limits",
+    "limits.max_in_flight",
+    "limits.max_connections",
+    "limits.max_request_header_bytes",
+    "shutdown",
+    "shutdown.drain_timeout",
+    "access",
+    "access.key_header",
+    "access.key",
+    "access.key_file",
+    "access.allowed_cidrs",
+    "access.allowed_hosts",
+    "cors",
+    "cors.allowed_origins",
+    "rewrite",
+    "rewrite.enabled",
+    "rewrite.max_body_bytes",
+    "log",
+    "log.format",
+];
+
+/// How the proxy authenticates to the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// OAuth2 client credentials: fetch a bearer token, refresh it ahead of expiry.
+    OAuth,
+    /// Deprecated `authorizationToken: Key,Secret <id>,<secret>`; no token fetch.
+    Legacy,
+}
+
+/// One credential (a client id and secret) and how to turn it into a token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub token_url: Url,
+    pub audience: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub token_cache: Option<PathBuf>,
+    /// How long a request waits for a token when none is valid (cold start, outage).
+    pub wait_timeout: Duration,
+    pub retry_initial_backoff: Duration,
+    pub retry_max_backoff: Duration,
+}
+
+impl AuthConfig {
+    /// Two listeners with the same key share one token (one fetch, one refresher).
+    pub fn share_key(&self) -> (AuthMode, String, String, String) {
+        (
+            self.mode,
+            self.token_url.to_string(),
+            self.audience.clone(),
+            self.client_id.clone(),
+        )
+    }
+}
+
+/// A `[[contract.routes]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractRoute {
+    pub prefix: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContractConfig {
+    pub default: Option<String>,
+    pub allow_client_override: bool,
+    pub routes: Vec<ContractRoute>,
+}
+
+/// One proxy listener: an address, the credential it uses and how it picks contracts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    /// Index into [`Config::credentials`].
+    pub credential: usize,
+    pub contract: ContractConfig,
+}
+
+/// The upstream API: scheme, authority and base path. Never changes per request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub url: Url,
+}
+
+impl Upstream {
+    /// The base path without a trailing slash ("" for the root).
+    pub fn base_path(&self) -> &str {
+        self.url.path().trim_end_matches('/')
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response_headers: Duration,
+    pub body_idle: Duration,
+    pub request_headers: Duration,
+    pub token_request: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Retries after the first attempt for idempotent requests (0 disables).
+    pub max_retries: u32,
+    /// Total time budget for one request including retries and waits.
+    pub max_elapsed: Duration,
+    /// Request bodies up to this size are kept so the request can be replayed.
+    pub replay_body_limit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub max_connections: usize,
+    pub max_request_header_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessConfig {
+    pub key_header: http::HeaderName,
+    pub key: Option<Secret>,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl AccessConfig {
+    pub fn any_guard(&self) -> bool {
+        self.key.is_some() || !self.allowed_cidrs.is_empty() || !self.allowed_hosts.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Copy)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewriteConfig {
+    pub enabled: bool,
+    pub max_body_bytes: usize,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub upstream: Upstream,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub public_url: Option<Url>,
+    pub listeners: Vec<ListenerConfig>,
+    pub credentials: Vec<AuthConfig>,
+    pub admin_listen: SocketAddr,
+    pub timeouts: Timeouts,
+    pub retry: RetryConfig,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+    pub access: AccessConfig,
+    pub cors_allowed_origins: Vec<String>,
+    pub rewrite: RewriteConfig,
+    pub log_format: LogFormat,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Command-line values that override every other layer (only those given).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Overrides(pub BTreeMap<String, Value>);
+
+impl Overrides {
+    pub fn set(&mut self, dotted: &str, value: impl Into<Value>) {
+        self.0.insert(dotted.to_string(), value.into());
+    }
+}
+
+/// The figment for a config file path (optional), the process environment and CLI overrides.
+pub fn figment(path: Option<&Path>, overrides: &Overrides) -> Figment {
+    let mut fig = Figment::new();
+    if let Some(p) = path {
+        fig = fig.merge(Toml::file_exact(p));
+    }
+    fig = fig.merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            // ALEPH_PROXY_CONFIG names the file (a CLI flag), it is not a key.
+            .ignore(&["config"]),
+    );
+    for (k, v) in &overrides.0 {
+        fig = fig.merge(Serialized::default(k, v.clone()));
+    }
+    fig
+}
+
+/// Loads and validates the configuration.
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(ConfigError {
+                problems: vec![format!("config file {} does not exist", p.display())],
+            });
+        }
+    }
+    from_figment(&figment(path, overrides))
+}
+
+/// Parses a figment into a [`Config`], collecting every problem.
+pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
+    let mut p = Parser {
+        fig,
+        problems: Vec::new(),
+    };
+    p.check_unknown_keys();
+    let config = p.parse();
+    if p.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            problems: p.problems,
+        })
+    }
+}
+
+struct Parser<'a> {
+    fig: &'a Figment,
+    problems: Vec<String>,
+}
+
+fn source_of(fig: &Figment, v: &Value) -> String {
+    match fig.get_metadata(v.tag()) {
+        Some(md) => match &md.source {
+            Some(src) => format!(" (from {} {src})", md.name),
+            None => format!(" (from {})", md.name),
+        },
+        None => String::new(),
+    }
+}
+
+impl Parser<'_> {
+    fn problem(&mut self, msg: impl Into<String>) {
+        self.problems.push(msg.into());
+    }
+
+    fn check_unknown_keys(&mut self) {
+        let dict = match self.fig.extract::<Dict>() {
+            Ok(d) => d,
+            Err(e) => {
+                for err in e {
+                    self.problem(err.to_string());
+                }
+                return;
+            }
+        };
+        let mut unknown = Vec::new();
+        walk_keys(self.fig, &dict, "", &mut unknown);
+        for u in unknown {
+            self.problem(u);
+        }
+    }
+
+    /// The value at a dotted key; numeric segments index arrays (`listeners.0.listen`).
+    fn value(&self, key: &str) -> Option<Value> {
+        let mut segments = key.split('.');
+        let mut v = self.fig.find_value(segments.next()?).ok()?;
+        for seg in segments {
+            v = match v {
+                Value::Dict(_, mut d) => d.remove(seg)?,
+                Value::Array(_, mut items) => {
+                    let i: usize = seg.parse().ok()?;
+                    if i >= items.len() {
+                        return None;
+                    }
+                    items.swap_remove(i)
+                }
+                _ => return None,
+            };
+        }
+        Some(v)
+    }
+
+    /// A string value; numbers and booleans are accepted as their text (env values like
+    /// `ALEPH_PROXY_CONTRACT__DEFAULT=123` arrive as numbers).
+    fn string(&mut self, key: &str) -> Option<String> {
+        let v = self.value(key)?;
+        match &v {
+            Value::String(_, s) => Some(s.clone()),
+            Value::Num(_, n) => Some(
+                n.to_u128()
+                    .map(|n| n.to_string())
+                    .or_else(|| n.to_i128().map(|n| n.to_string()))
+                    .or_else(|| n.to_f64().map(|n| n.to_string()))
+                    .unwrap_or_default(),
+            ),
+            Value::Bool(_, b) => Some(b.to_string()),
+            other => {
+                let src = source_of(self.fig, other);
+                self.problem(format!("`{key}` must be a string{src}"));
+                None
+            }
+        }
+    }
+
+    fn secret(&mut self, key: &str) -> Option<Secret> {
+        let v = self.value(key)?;
+        match &v {
+            Value::String(_, s) => Some(Secret::new(s.clone())),
+            Value::Num(..) | Value::Bool(..) => self.string(key).map(Secret::new),
+            other => {
+                let src = source_of(self.fig, other);
+                // Never print the value of a secret key.
+                self.problem(format!("`{key}` must be a string{src}"));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        let Some(v) = self.value(key) else {
+            return default;
+        };
+        match &v {
+            Value::Bool(_, b) => *b,
+            Value::String(_, s) if s.eq_ignore_ascii_case("true") => true,
+            Value::String(_, s) if s.eq_ignore_ascii_case("false") => false,
+            other => {
+                let src = source_of(self.fig, other);
+                self.problem(format!(
+                    "`{key}` must be true or false, not {}{src}",
+                    describe(other)
+                ));
+                default
+            }
+        }
+    }
+
+    fn uint(&mut self, key: &str, default: u64, min: u64) -> u64 {
+        let Some(v) = self.value(key) else {
+            return default;
+        };
+        let parsed = match &v {
+            Value::Num(_, n) => n
+                .to_u128()
+                .or_else(|| n.to_i128().and_then(|i| u128::try_from(i).ok()))
+                .and_then(|n| u64::try_from(n).ok()),
+            Value::String(_, s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(n) if n >= min => n,
+            _ => {
+                let src = source_of(self.fig, &v);
+                self.problem(format!(
+                    "`{key}` must be a whole number of at least {min}, not {}{src}",
+                    describe(&v)
+                ));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        let Some(v) = self.value(key) else {
+            return default;
+        };
+        let parsed = match &v {
+            Value::Num(_, n) => n
+                .to_f64()
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .map(Duration::from_secs_f64),
+            Value::String(_, s) => humantime::parse_duration(s.trim()).ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(d) if !d.is_zero() => d,
+            _ => {
+                let src = source_of(self.fig, &v);
+                self.problem(format!(
+                    "`{key}` must be a positive duration such as \"10s\", \"500ms\" or \"5m\", not {}{src}",
+                    describe(&v)
+                ));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        let text = self.string(key).unwrap_or_else(|| default.to_string());
+        match parse_listen(&text) {
+            Ok(a) => a,
+            Err(e) => {
+                self.problem(format!("`{key}`: {e}"));
+                default.parse().expect("default address parses")
+            }
+        }
+    }
+
+    fn url(&mut self, key: &str, default: &str) -> Url {
+        let text = self.string(key).unwrap_or_else(|| default.to_string());
+        match parse_http_url(&text) {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(format!("`{key}`: {e}"));
+                Url::parse(default).expect("default url parses")
+            }
+        }
+    }
+
+    fn path(&mut self, key: &str) -> Option<PathBuf> {
+        self.string(key)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    }
+
+    fn string_list(&mut self, key: &str) -> Vec<String> {
+        let Some(v) = self.value(key) else {
+            return Vec::new();
+        };
+        match &v {
+            Value::Array(_, items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(_, s) => out.push(s.clone()),
+                        other => {
+                            let src = source_of(self.fig, other);
+                            self.problem(format!("`{key}[{i}]` must be a string{src}"));
+                        }
+                    }
+                }
+                out
+            }
+            // Env convenience: ALEPH_PROXY_ACCESS__ALLOWED_HOSTS="a,b"
+            Value::String(_, s) => s
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            other => {
+                let src = source_of(self.fig, other);
+                self.problem(format!("`{key}` must be a list of strings{src}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reads a secret given inline (`key`) or as a file (`file_key`); both is an error.
+    fn secret_inline_or_file(&mut self, key: &str, file_key: &str) -> Option<Secret> {
+        let inline = self.secret(key);
+        let file = self.path(file_key);
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(format!("set `{key}` or `{file_key}`, not both"));
+                None
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(path)) => match read_secret_file(&path) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.problem(format!("`{file_key}`: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn parse(&mut self) -> Config {
+        let upstream = Upstream {
+            url: self.url("upstream", DEFAULT_UPSTREAM),
+        };
+        if upstream.url.query().is_some() || upstream.url.fragment().is_some() {
+            self.problem("`upstream` must not have a query or fragment");
+        }
+        let upstream_ca_file = self.path("upstream_ca_file");
+        if let Some(p) = &upstream_ca_file {
+            if let Err(e) = crate::upstream::read_ca_file(p) {
+                self.problem(format!("`upstream_ca_file`: {e}"));
+            }
+        }
+        let public_url = self
+            .string("public_url")
+            .and_then(|s| match parse_http_url(&s) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    self.problem(format!("`public_url`: {e}"));
+                    None
+                }
+            });
+
+        // [auth]
+        let mode = match self.string("auth.mode").as_deref() {
+            None | Some("oauth") | Some("client_credentials") => AuthMode::OAuth,
+            Some("legacy") => AuthMode::Legacy,
+            Some(other) => {
+                self.problem(format!(
+                    "`auth.mode` must be \"oauth\" or \"legacy\", not \"{other}\""
+                ));
+                AuthMode::OAuth
+            }
+        };
+        let token_url = self.url("auth.token_url", DEFAULT_TOKEN_URL);
+        let audience = self
+            .string("auth.audience")
+            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
+        let client_id = self.string("auth.client_id");
+        let client_secret =
+            self.secret_inline_or_file("auth.client_secret", "auth.client_secret_file");
+        let token_cache = self.path("auth.token_cache");
+        let wait_timeout = self.duration("auth.wait_timeout", Duration::from_secs(10));
+        let retry_initial_backoff =
+            self.duration("auth.retry_initial_backoff", Duration::from_secs(1));
+        let retry_max_backoff = self.duration("auth.retry_max_backoff", Duration::from_secs(300));
+        if retry_max_backoff < retry_initial_backoff {
+            self.problem(
+                "`auth.retry_max_backoff` must not be shorter than `auth.retry_initial_backoff`",
+            );
+        }
+        if client_id.as_deref().unwrap_or("").is_empty() {
+            self.problem(format!(
+                "`auth.client_id` is required (set it in the config file or as {ENV_PREFIX}AUTH__CLIENT_ID)"
+            ));
+        }
+        if client_secret.as_ref().is_none_or(|s| s.is_empty()) {
+            self.problem(format!(
+                "`auth.client_secret` or `auth.client_secret_file` is required (or {ENV_PREFIX}AUTH__CLIENT_SECRET)"
+            ));
+        }
+        let main_auth = AuthConfig {
+            mode,
+            token_url,
+            audience,
+            client_id: client_id.unwrap_or_default(),
+            client_secret: client_secret.unwrap_or_default(),
+            token_cache,
+            wait_timeout,
+            retry_initial_backoff,
+            retry_max_backoff,
+        };
+
+        // [contract]
+        let contract = ContractConfig {
+            default: self.string("contract.default").filter(|s| !s.is_empty()),
+            allow_client_override: self.boolean("contract.allow_client_override", false),
+            routes: self.routes(),
+        };
+
+        let mut credentials = vec![main_auth.clone()];
+        let mut listeners = vec![ListenerConfig {
+            listen: self.socket_addr("listen", DEFAULT_LISTEN),
+            credential: 0,
+            contract: contract.clone(),
+        }];
+        self.extra_listeners(&main_auth, &contract, &mut credentials, &mut listeners);
+
+        let admin_listen = self.socket_addr("admin.listen", DEFAULT_ADMIN_LISTEN);
+        let mut seen = std::collections::HashSet::new();
+        for addr in listeners
+            .iter()
+            .map(|l| l.listen)
+            .chain(std::iter::once(admin_listen))
+        {
+            if addr.port() != 0 && !seen.insert(addr) {
+                self.problem(format!("address {addr} is used by more than one listener"));
+            }
+        }
+
+        let timeouts = Timeouts {
+            connect: self.duration("timeouts.connect", Duration::from_secs(5)),
+            response_headers: self.duration("timeouts.response_headers", Duration::from_secs(60)),
+            body_idle: self.duration("timeouts.body_idle", Duration::from_secs(60)),
+            request_headers: self.duration("timeouts.request_headers", Duration::from_secs(10)),
+            token_request: self.duration("timeouts.token_request", Duration::from_secs(10)),
+        };
+        let retry = RetryConfig {
+            max_retries: self.uint("retry.max_retries", 2, 0) as u32,
+            max_elapsed: self.duration("retry.max_elapsed", Duration::from_secs(30)),
+            replay_body_limit: self.uint("retry.replay_body_limit", 1024 * 1024, 0),
+        };
+        let limits = Limits {
+            max_in_flight: self.uint("limits.max_in_flight", 1024, 1) as usize,
+            max_connections: self.uint("limits.max_connections", 4096, 1) as usize,
+            max_request_header_bytes: self.uint("limits.max_request_header_bytes", 64 * 1024, 8192)
+                as usize,
+        };
+        let drain_timeout = self.duration("shutdown.drain_timeout", Duration::from_secs(25));
+
+        let access = self.access();
+        let cors_allowed_origins = self.string_list("cors.allowed_origins");
+        for o in &cors_allowed_origins {
+            if o != "*" && http::HeaderValue::from_str(o).is_err() {
+                self.problem(format!(
+                    "`cors.allowed_origins`: \"{o}\" is not a valid origin"
+                ));
+            } else if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                self.problem(format!(
+                    "`cors.allowed_origins`: \"{o}\" must be an origin such as https://maps.example.com, or \"*\""
+                ));
+            }
+        }
+        let rewrite = RewriteConfig {
+            enabled: self.boolean("rewrite.enabled", true),
+            max_body_bytes: self.uint("rewrite.max_body_bytes", 32 * 1024 * 1024, 0) as usize,
+        };
+        let log_format = match self.string("log.format").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem(format!(
+                    "`log.format` must be \"text\" or \"json\", not \"{other}\""
+                ));
+                LogFormat::Text
+            }
+        };
+
+        Config {
+            upstream,
+            upstream_ca_file,
+            public_url,
+            listeners,
+            credentials,
+            admin_listen,
+            timeouts,
+            retry,
+            limits,
+            drain_timeout,
+            access,
+            cors_allowed_origins,
+            rewrite,
+            log_format,
+        }
+    }
+
+    fn routes(&mut self) -> Vec<ContractRoute> {
+        if self.value("contract.routes").is_none() {
+            return Vec::new();
+        }
+        let routes = match self
+            .fig
+            .extract_inner::<Vec<ContractRoute>>("contract.routes")
+        {
+            Ok(r) => r,
+            Err(e) => {
+                for err in e {
+                    self.problem(format!("`contract.routes`: {err}"));
+                }
+                return Vec::new();
+            }
+        };
+        for (i, r) in routes.iter().enumerate() {
+            if !r.prefix.starts_with('/') {
+                self.problem(format!(
+                    "`contract.routes[{i}].prefix` must start with '/', not \"{}\"",
+                    r.prefix
+                ));
+            }
+            if r.id.trim().is_empty() {
+                self.problem(format!("`contract.routes[{i}].id` must not be empty"));
+            } else if http::HeaderValue::from_str(&r.id).is_err() {
+                self.problem(format!(
+                    "`contract.routes[{i}].id` contains characters not allowed in a header"
+                ));
+            }
+        }
+        routes
+    }
+
+    fn extra_listeners(
+        &mut self,
+        main_auth: &AuthConfig,
+        contract: &ContractConfig,
+        credentials: &mut Vec<AuthConfig>,
+        listeners: &mut Vec<ListenerConfig>,
+    ) {
+        let count = match self.value("listeners") {
+            None => return,
+            Some(Value::Array(_, items)) => items.len(),
+            Some(other) => {
+                let src = source_of(self.fig, &other);
+                self.problem(format!(
+                    "`listeners` must be an array of tables ([[listeners]]){src}"
+                ));
+                return;
+            }
+        };
+        for i in 0..count {
+            let base = format!("listeners.{i}");
+            let listen = match self.string(&format!("{base}.listen")) {
+                Some(s) => match parse_listen(&s) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.problem(format!("`listeners[{i}].listen`: {e}"));
+                        continue;
+                    }
+                },
+                None => {
+                    self.problem(format!("`listeners[{i}].listen` is required"));
+                    continue;
+                }
+            };
+            let mut lc = contract.clone();
+            if let Some(id) = self.string(&format!("{base}.contract")) {
+                // A listener bound to a contract uses it for every path (but /contracts).
+                lc.default = Some(id);
+                lc.routes.clear();
+            }
+            let credential = if self.value(&format!("{base}.auth")).is_some() {
+                let client_id = self.string(&format!("{base}.auth.client_id"));
+                let secret = self.secret_inline_or_file(
+                    &format!("{base}.auth.client_secret"),
+                    &format!("{base}.auth.client_secret_file"),
+                );
+                match (client_id, secret) {
+                    (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => {
+                        let auth = AuthConfig {
+                            client_id: id,
+                            client_secret: secret,
+                            // The token cache belongs to the main credential.
+                            token_cache: None,
+                            ..main_auth.clone()
+                        };
+                        match credentials
+                            .iter()
+                            .position(|c| c.share_key() == auth.share_key())
+                        {
+                            Some(idx) => idx,
+                            None => {
+                                credentials.push(auth);
+                                credentials.len() - 1
+                            }
+                        }
+                    }
+                    _ => {
+                        self.problem(format!(
+                            "`listeners[{i}].auth` needs both client_id and client_secret (or client_secret_file)"
+                        ));
+                        0
+                    }
+                }
+            } else {
+                0
+            };
+            listeners.push(ListenerConfig {
+                listen,
+                credential,
+                contract: lc,
+            });
+        }
+    }
+
+    fn access(&mut self) -> AccessConfig {
+        let header_text = self
+            .string("access.key_header")
+            .unwrap_or_else(|| "x-aleph-proxy-key".to_string());
+        let key_header = match http::HeaderName::from_bytes(header_text.as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                self.problem(format!(
+                    "`access.key_header`: \"{header_text}\" is not a valid header name"
+                ));
+                http::HeaderName::from_static("x-aleph-proxy-key")
+            }
+        };
+        let key = self.secret_inline_or_file("access.key", "access.key_file");
+        if let Some(k) = &key {
+            if k.expose().len() < 16 {
+                self.problem("`access.key` must be at least 16 characters long");
+            }
+        }
+        let mut allowed_cidrs = Vec::new();
+        for c in self.string_list("access.allowed_cidrs") {
+            match c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+            {
+                Ok(n) => allowed_cidrs.push(n),
+                Err(_) => self.problem(format!(
+                    "`access.allowed_cidrs`: \"{c}\" is not an address or CIDR such as 10.0.0.0/8"
+                )),
+            }
+        }
+        let allowed_hosts = self
+            .string_list("access.allowed_hosts")
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        AccessConfig {
+            key_header,
+            key,
+            allowed_cidrs,
+            allowed_hosts,
+        }
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => format!("\"{s}\""),
+        Value::Num(_, n) => n
+            .to_f64()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "a number".into()),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Char(_, c) => format!("'{c}'"),
+        Value::Dict(..) => "a table".into(),
+        Value::Array(..) => "an array".into(),
+        Value::Empty(..) => "nothing".into(),
+    }
+}
+
+fn walk_keys(fig: &Figment, dict: &Dict, prefix: &str, unknown: &mut Vec<String>) {
+    for (k, v) in dict {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if !KNOWN_KEYS.contains(&path.as_str()) {
+            let shown = path.replace("[]", "[..]");
+            unknown.push(format!(
+                "unknown key `{shown}`{}; known keys are listed in config/aleph-proxy.example.toml",
+                source_of(fig, v)
+            ));
+            continue;
+        }
+        match v {
+            Value::Dict(_, d) => walk_keys(fig, d, &path, unknown),
+            Value::Array(_, items) => {
+                let elem = format!("{path}[]");
+                for item in items {
+                    if let Value::Dict(_, d) = item {
+                        walk_keys(fig, d, &elem, unknown);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Parses a listen address: `host:port`, `[v6]:port`, or `:port` (all interfaces).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let candidate = if let Some(port) = t.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else if let Some(port) = t.strip_prefix("localhost:") {
+        format!("127.0.0.1:{port}")
+    } else {
+        t.to_string()
+    };
+    candidate.parse::<SocketAddr>().map_err(|_| {
+        format!("\"{text}\" is not an address such as 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+    })
+}
+
+/// Parses an absolute http(s) URL without credentials in it.
+pub fn parse_http_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text.trim()).map_err(|e| format!("\"{text}\" is not a URL ({e})"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("\"{text}\" must be an http:// or https:// URL"));
+    }
+    if url.host_str().is_none_or(|h| h.is_empty()) {
+        return Err(format!("\"{text}\" has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Do not echo the URL: it holds credentials.
+        return Err("the URL must not contain a user name or password".to_string());
+    }
+    Ok(url)
+}
+
+/// Reads a secret from a file once: trimmed, warned about when other users can read it.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    warn_if_world_readable(path);
+    Ok(Secret::new(trimmed))
+}
+
+#[cfg(unix)]
+fn warn_if_world_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = std::fs::metadata(path) {
+        let mode = md.permissions().mode();
+        if mode & 0o004 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "secret file is readable by every user on this machine; chmod 600 (or 640) it"
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_world_readable(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn base_env(jail: &mut Jail) {
+        jail.set_env("ALEPH_PROXY_AUTH__CLIENT_ID", "id-1");
+        jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET", "s3cr3t-value");
+    }
+
+    #[test]
+    fn defaults_with_credentials_from_env() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.listeners[0].listen.to_string(), DEFAULT_LISTEN);
+            assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+            assert_eq!(c.upstream.url.as_str(), "https://api.satellogic.com/");
+            assert_eq!(c.credentials[0].token_url.as_str(), DEFAULT_TOKEN_URL);
+            assert_eq!(c.credentials[0].audience, DEFAULT_AUDIENCE);
+            assert_eq!(c.credentials[0].mode, AuthMode::OAuth);
+            assert!(!c.listeners[0].contract.allow_client_override);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn precedence_defaults_file_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"
+                listen = "127.0.0.1:7001"
+                upstream = "http://file.example"
+                [auth]
+                client_id = "file-id"
+                client_secret = "file-secret"
+                [contract]
+                default = "file-contract"
+                "#,
+            )?;
+            jail.set_env("ALEPH_PROXY_UPSTREAM", "http://env.example");
+            jail.set_env("ALEPH_PROXY_CONTRACT__DEFAULT", "12345");
+            let mut o = Overrides::default();
+            o.set("listen", "127.0.0.1:7003");
+            let c = load(Some(Path::new("c.toml")), &o).unwrap();
+            assert_eq!(c.listeners[0].listen.to_string(), "127.0.0.1:7003"); // flag
+            assert_eq!(c.upstream.url.as_str(), "http://env.example/"); // env
+            assert_eq!(c.listeners[0].contract.default.as_deref(), Some("12345")); // env, numeric text
+            assert_eq!(c.credentials[0].client_id, "file-id"); // file
+            assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN); // default
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_without_secrets() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "bad.toml",
+                r#"
+                listen = "nonsense"
+                upstrem = "typo"
+                [auth]
+                mode = "magic"
+                client_secret = "do-not-print-me"
+                wait_timeout = "forever"
+                [contract]
+                allow_client_override = "maybe"
+                [[contract.routes]]
+                prefix = "archive"
+                id = "c1"
+                [timeouts]
+                connect = -3
+                "#,
+            )?;
+            let err = load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
+            let text = err.to_string();
+            for needle in [
+                "unknown key `upstrem`",
+                "`listen`",
+                "`auth.mode`",
+                "`auth.client_id` is required",
+                "`auth.wait_timeout`",
+                "`contract.allow_client_override`",
+                "`contract.routes[0].prefix`",
+                "`timeouts.connect`",
+            ] {
+                assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+            }
+            assert!(!text.contains("do-not-print-me"));
+            assert!(err.problems.len() >= 8, "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn debug_of_config_hides_secrets() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.set_env("ALEPH_PROXY_ACCESS__KEY", "a-very-long-access-key-123");
+            let c = load(None, &Overrides::default()).unwrap();
+            let dbg = format!("{c:?}");
+            assert!(!dbg.contains("s3cr3t-value"));
+            assert!(!dbg.contains("a-very-long-access-key-123"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_file_is_trimmed() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_ID", "id-1");
+            jail.create_file("secret.txt", "  from-file\n")?;
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE", "secret.txt");
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.credentials[0].client_secret.expose(), "from-file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn listeners_share_credentials_and_bind_contracts() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.create_file(
+                "l.toml",
+                r#"
+                [[listeners]]
+                listen = "127.0.0.1:8081"
+                contract = "A"
+                [[listeners]]
+                listen = "127.0.0.1:8082"
+                contract = "B"
+                [listeners.auth]
+                client_id = "other"
+                client_secret = "other-secret"
+                [[listeners]]
+                listen = "127.0.0.1:8083"
+                contract = "C"
+                [listeners.auth]
+                client_id = "other"
+                client_secret = "other-secret"
+                "#,
+            )?;
+            let c = load(Some(Path::new("l.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.listeners.len(), 4);
+            assert_eq!(c.listeners[1].credential, 0);
+            assert_eq!(c.listeners[2].credential, 1);
+            assert_eq!(c.listeners[3].credential, 1);
+            assert_eq!(c.credentials.len(), 2);
+            assert_eq!(c.listeners[2].contract.default.as_deref(), Some("B"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/aleph-proxy.example.toml");
+        Jail::expect_with(|_jail| {
+            let c = load(Some(&path), &Overrides::default()).unwrap();
+            assert!(!c.listeners.is_empty());
+            Ok(())
+        });
+    }
+}

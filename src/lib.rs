@@ -1,0 +1,333 @@
+//! aleph-proxy: an authenticating reverse proxy for Satellogic's Aleph API.
+//!
+//! # Layout
+//! - [`config`]: figment layers -> validated [`config::Config`]; every problem reported at once.
+//! - [`secret`]: the `Secret` type whose Debug/Display print a mask.
+//! - [`token`]: token fetch (OAuth2 client credentials or legacy key), the refresher, the cache.
+//! - [`upstream`]: the pooled hyper/rustls client, CA file and egress proxy.
+//! - [`proxy`]: the forwarding handler, header policy, contract routing, access control,
+//!   response stage (link rewriting).
+//! - [`rewrite`]: pure rewriting of upstream links in JSON and headers.
+//! - [`server`]: accept loops, connection limits, header timeouts, CORS, draining.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`error`]: the proxy's own errors and their one JSON shape.
+//! - [`body`]: body types of the forwarding path (streaming, idle timeout, replay).
+//! - [`telemetry`]: logging and the metrics recorder.
+//! - [`mock`]: an in-process mock of the Aleph API and its token endpoint (`demo`, tests).
+//! - [`cli`]: the command line.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod mock;
+pub mod proxy;
+pub mod rewrite;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+pub mod token;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use proxy::contract::{self, ContractInfo, Discovery};
+use proxy::{Listener, Shared};
+use token::TokenManager;
+
+/// Listeners bound before [`run`], so callers (tests, `demo`) can bind port 0 and learn the port.
+pub struct Bound {
+    pub proxies: Vec<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Bound {
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.proxies
+            .iter()
+            .map(|l| l.local_addr().expect("bound"))
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound")
+    }
+}
+
+/// Binds every listener of the configuration.
+pub async fn bind(config: &Config) -> std::io::Result<Bound> {
+    let mut proxies = Vec::new();
+    for l in &config.listeners {
+        let tcp = TcpListener::bind(l.listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.listen))
+        })?;
+        proxies.push(tcp);
+    }
+    let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {} (admin): {e}", config.admin_listen),
+        )
+    })?;
+    Ok(Bound { proxies, admin })
+}
+
+/// Everything a running proxy shares: the forwarding state and one token manager per credential.
+pub struct Runtime {
+    pub shared: Arc<Shared>,
+    pub tokens: Vec<Arc<TokenManager>>,
+}
+
+impl Runtime {
+    pub fn new(config: &Config) -> Result<Runtime, String> {
+        let tls = upstream::tls_config(config.upstream_ca_file.as_deref())?;
+        let client = upstream::client(config, tls.clone());
+        let shared = Arc::new(Shared::new(config, client));
+        let tokens = config
+            .credentials
+            .iter()
+            .map(|c| TokenManager::new(c, tls.clone(), config.timeouts.token_request))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Runtime { shared, tokens })
+    }
+
+    /// `GET /contracts` with the credential's token.
+    pub async fn list_contracts(&self, credential: usize) -> Result<Vec<ContractInfo>, String> {
+        list_contracts(&self.shared, &self.tokens[credential]).await
+    }
+}
+
+/// `GET /contracts` through the upstream client with a token of `tokens`.
+pub async fn list_contracts(
+    shared: &Shared,
+    tokens: &TokenManager,
+) -> Result<Vec<ContractInfo>, String> {
+    let token = tokens
+        .token()
+        .await
+        .map_err(|_| match tokens.last_error() {
+            Some(e) => e.to_string(),
+            None => "no access token".to_string(),
+        })?;
+    let uri = shared.upstream_uri("/contracts").map_err(|e| e.message())?;
+    let mut req = http::Request::new(body::PassBody::Buffered(Bytes::new()));
+    *req.uri_mut() = uri;
+    req.headers_mut()
+        .insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
+    req.headers_mut().insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let resp = tokio::time::timeout(shared.timeouts.response_headers, shared.client.request(req))
+        .await
+        .map_err(|_| "GET /contracts timed out".to_string())?
+        .map_err(|_| "GET /contracts: cannot reach the upstream".to_string())?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), 4 * 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|_| "GET /contracts: body failed".to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("GET /contracts answered {}", status.as_u16()));
+    }
+    contract::parse_contracts(&body)
+}
+
+/// Runs the proxy on already bound listeners until `shutdown` resolves, then drains.
+/// Returns Ok(()) after a clean drain (also when the drain timeout cut requests off).
+pub async fn run(
+    config: Config,
+    bound: Bound,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let rt = Runtime::new(&config)?;
+    run_with(config, bound, rt, shutdown).await
+}
+
+/// [`run`] with a prepared [`Runtime`] (tests reach its token managers).
+pub async fn run_with(
+    config: Config,
+    bound: Bound,
+    rt: Runtime,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let cancel = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let metrics = telemetry::metrics_handle();
+
+    for t in &rt.tokens {
+        let stop = stop_background.clone();
+        tokio::spawn(
+            t.clone()
+                .run_refresher(async move { stop.cancelled().await }),
+        );
+    }
+
+    // Contract discovery, once per credential that some listener may fall back on.
+    let mut discoveries: HashMap<usize, watch::Receiver<Discovery>> = HashMap::new();
+    for l in &config.listeners {
+        if discoveries.contains_key(&l.credential) {
+            continue;
+        }
+        let needs = config
+            .listeners
+            .iter()
+            .any(|x| x.credential == l.credential && x.contract.default.is_none());
+        let (tx, rx) = watch::channel(if needs {
+            Discovery::Pending
+        } else {
+            Discovery::NotOne("discovery is off because a default contract is set".into())
+        });
+        if needs {
+            let shared = rt.shared.clone();
+            let tokens = rt.tokens[l.credential].clone();
+            let stop = stop_background.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = discover(shared, tokens, tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        discoveries.insert(l.credential, rx);
+    }
+
+    let settings = server::ConnSettings::new(&config);
+    let mut tasks = Vec::new();
+    for (lc, tcp) in config.listeners.iter().zip(bound.proxies) {
+        let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
+        let access = proxy::access::Access::new(&config.access, local_addr);
+        if !local_addr.ip().is_loopback() && !config.access.any_guard() {
+            tracing::warn!(
+                listen = %local_addr,
+                "EXPOSED: this listener is not on loopback and no access control is set, so anyone who can reach it uses these API credentials. Set access.key_file, access.allowed_cidrs or access.allowed_hosts."
+            );
+        }
+        let listener = Arc::new(Listener {
+            shared: rt.shared.clone(),
+            tokens: rt.tokens[lc.credential].clone(),
+            contracts: contract::ContractRouter::new(
+                &lc.contract,
+                discoveries[&lc.credential].clone(),
+            ),
+            access,
+            local_addr,
+        });
+        tracing::info!(
+            listen = %local_addr,
+            upstream = %config.upstream.url,
+            contract = lc.contract.default.as_deref().unwrap_or("(routes/discovery)"),
+            "proxy listening"
+        );
+        tasks.push(tokio::spawn(server::serve_proxy(
+            tcp,
+            listener,
+            settings.clone(),
+            cancel.clone(),
+        )));
+    }
+
+    let admin_state = admin::AdminState {
+        tokens: rt.tokens.clone(),
+        shared: rt.shared.clone(),
+        metrics,
+        max_in_flight: config.limits.max_in_flight,
+    };
+    let admin_cancel = CancellationToken::new();
+    let admin_stop = admin_cancel.clone();
+    tracing::info!(listen = %bound.admin.local_addr().map_err(|e| e.to_string())?, "admin listening (/healthz, /readyz, /metrics)");
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(bound.admin, admin::router(admin_state))
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+    });
+
+    shutdown.await;
+    tracing::info!(
+        drain_timeout_s = config.drain_timeout.as_secs_f64(),
+        "shutting down: no new connections; draining requests in flight"
+    );
+    // Readiness goes false first so an orchestrator stops routing here.
+    rt.shared.draining.store(true, Ordering::Relaxed);
+    cancel.cancel();
+    let mut clean = true;
+    for t in tasks {
+        clean &= t.await.unwrap_or(false);
+    }
+    stop_background.cancel();
+    admin_cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    tracing::info!(clean, "stopped");
+    Ok(())
+}
+
+async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sender<Discovery>) {
+    let mut attempt = 0;
+    loop {
+        match list_contracts(&shared, &tokens).await {
+            Ok(list) => {
+                let outcome = contract::discovery_outcome(&list);
+                match &outcome {
+                    Discovery::One(h) => tracing::info!(
+                        contract = h.to_str().unwrap_or("?"),
+                        "discovered the credential's only contract"
+                    ),
+                    Discovery::NotOne(why) => tracing::warn!(
+                        "no contract discovered: {why}; paths without a route get a 422 until contract.default is set"
+                    ),
+                    Discovery::Pending => {}
+                }
+                tx.send_replace(outcome);
+                return;
+            }
+            Err(e) => {
+                let delay = token::schedule::backoff(
+                    attempt,
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                    rand::random(),
+                );
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "contract discovery failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

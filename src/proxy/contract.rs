@@ -1,0 +1,228 @@
+//! Contract routing: which `X-Satellogic-Contract-Id` a request carries. Pure rules
+//! ([`ContractRouter::resolve`]) plus the one-time discovery through `GET /contracts`.
+//!
+//! Order: a client header when `allow_client_override`; the first `[[contract.routes]]` prefix that
+//! matches on a segment boundary; `contract.default` (or the listener's contract); the credential's
+//! only contract found by discovery. `/contracts` itself is sent without the header.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::sync::watch;
+
+use crate::config::ContractConfig;
+
+/// The outcome of routing one path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Send this contract header.
+    Header(HeaderValue),
+    /// Send no contract header (`/contracts`).
+    NoHeader,
+    /// Use the discovered contract (wait for discovery when it is still running).
+    Discovered,
+}
+
+/// What discovery found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Discovery {
+    Pending,
+    One(HeaderValue),
+    /// Zero or several contracts, or discovery failed: the text says which.
+    NotOne(String),
+}
+
+/// One contract as `GET /contracts` lists it.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+pub struct ContractInfo {
+    pub contract_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Parses a `/contracts` body: a list, or `{"results": [...]}`.
+pub fn parse_contracts(body: &[u8]) -> Result<Vec<ContractInfo>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Shape {
+        List(Vec<ContractInfo>),
+        Page { results: Vec<ContractInfo> },
+    }
+    match serde_json::from_slice::<Shape>(body) {
+        Ok(Shape::List(l)) | Ok(Shape::Page { results: l }) => Ok(l),
+        Err(_) => Err("the /contracts answer is not a list of contracts".into()),
+    }
+}
+
+pub struct ContractRouter {
+    routes: Vec<(String, HeaderValue)>,
+    default: Option<HeaderValue>,
+    pub allow_client_override: bool,
+    discovery: watch::Receiver<Discovery>,
+}
+
+/// Is `path` the contracts listing, which the API serves without a contract?
+pub fn is_contracts_path(path: &str) -> bool {
+    path == "/contracts" || path == "/contracts/"
+}
+
+/// Does `prefix` match `path` on a segment boundary (`/archive` matches `/archive/stac` and
+/// `/archive`, not `/archives`)?
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+impl ContractRouter {
+    pub fn new(cfg: &ContractConfig, discovery: watch::Receiver<Discovery>) -> ContractRouter {
+        let hv = |s: &str| HeaderValue::from_str(s).expect("validated contract id");
+        ContractRouter {
+            routes: cfg
+                .routes
+                .iter()
+                .map(|r| (r.prefix.clone(), hv(&r.id)))
+                .collect(),
+            default: cfg.default.as_deref().map(hv),
+            allow_client_override: cfg.allow_client_override,
+            discovery,
+        }
+    }
+
+    /// True when some path can fall through to discovery.
+    pub fn needs_discovery(&self) -> bool {
+        self.default.is_none()
+    }
+
+    /// Routes one path. `client` is the contract header the client sent, if any.
+    pub fn resolve(&self, path: &str, client: Option<&HeaderValue>) -> Resolution {
+        if let (true, Some(c)) = (self.allow_client_override, client) {
+            return Resolution::Header(c.clone());
+        }
+        if is_contracts_path(path) {
+            return Resolution::NoHeader;
+        }
+        if let Some((_, id)) = self.routes.iter().find(|(p, _)| prefix_matches(p, path)) {
+            return Resolution::Header(id.clone());
+        }
+        if let Some(d) = &self.default {
+            return Resolution::Header(d.clone());
+        }
+        Resolution::Discovered
+    }
+
+    /// The discovered contract, waiting up to `limit` while discovery runs.
+    pub async fn discovered(&self, limit: Duration) -> Result<HeaderValue, String> {
+        let mut rx = self.discovery.clone();
+        let outcome = tokio::time::timeout(limit, async {
+            rx.wait_for(|d| !matches!(d, Discovery::Pending))
+                .await
+                .map(|d| d.clone())
+        })
+        .await;
+        match outcome {
+            Ok(Ok(Discovery::One(h))) => Ok(h),
+            Ok(Ok(Discovery::NotOne(why))) => Err(why),
+            _ => Err("contract discovery (GET /contracts) has not finished yet".into()),
+        }
+    }
+}
+
+/// Turns a contract list into a discovery outcome.
+pub fn discovery_outcome(list: &[ContractInfo]) -> Discovery {
+    match list {
+        [one] => match HeaderValue::from_str(&one.contract_id) {
+            Ok(h) => Discovery::One(h),
+            Err(_) => {
+                Discovery::NotOne("the discovered contract id is not a valid header value".into())
+            }
+        },
+        [] => Discovery::NotOne("the credential has no contract (GET /contracts is empty)".into()),
+        many => Discovery::NotOne(format!(
+            "the credential has {} contracts ({}), so none is chosen automatically",
+            many.len(),
+            many.iter()
+                .map(|c| c.contract_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+pub type DiscoverySender = Arc<watch::Sender<Discovery>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ContractRoute;
+
+    fn router(routes: &[(&str, &str)], default: Option<&str>, ovr: bool) -> ContractRouter {
+        let cfg = ContractConfig {
+            default: default.map(Into::into),
+            allow_client_override: ovr,
+            routes: routes
+                .iter()
+                .map(|(p, i)| ContractRoute {
+                    prefix: p.to_string(),
+                    id: i.to_string(),
+                })
+                .collect(),
+        };
+        let (_tx, rx) = watch::channel(Discovery::Pending);
+        ContractRouter::new(&cfg, rx)
+    }
+
+    fn h(s: &'static str) -> Resolution {
+        Resolution::Header(HeaderValue::from_static(s))
+    }
+
+    #[test]
+    fn segment_boundary() {
+        assert!(prefix_matches("/archive", "/archive"));
+        assert!(prefix_matches("/archive", "/archive/stac"));
+        assert!(prefix_matches("/archive/", "/archive/stac"));
+        assert!(!prefix_matches("/archive", "/archives"));
+        assert!(!prefix_matches("/archive", "/"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn first_matching_route_wins_then_default_then_discovery() {
+        let r = router(
+            &[("/archive/stac", "A1"), ("/archive", "A2")],
+            Some("D"),
+            false,
+        );
+        assert_eq!(r.resolve("/archive/stac/search", None), h("A1"));
+        assert_eq!(r.resolve("/archive/x", None), h("A2"));
+        assert_eq!(r.resolve("/archives", None), h("D"));
+        assert_eq!(r.resolve("/contracts", None), Resolution::NoHeader);
+        let r = router(&[("/archive", "A")], None, false);
+        assert_eq!(r.resolve("/tasking/tasks", None), Resolution::Discovered);
+    }
+
+    #[test]
+    fn client_override_only_when_allowed() {
+        let c = HeaderValue::from_static("C");
+        let r = router(&[], Some("D"), false);
+        assert_eq!(r.resolve("/x", Some(&c)), h("D"));
+        let r = router(&[], Some("D"), true);
+        assert_eq!(r.resolve("/x", Some(&c)), h("C"));
+    }
+
+    #[test]
+    fn contracts_parse_both_shapes() {
+        let a = parse_contracts(br#"[{"contract_id":"c1","name":"n"}]"#).unwrap();
+        let b = parse_contracts(br#"{"results":[{"contract_id":"c1"}]}"#).unwrap();
+        assert_eq!(a[0].contract_id, b[0].contract_id);
+        assert!(parse_contracts(b"{}").is_err());
+        assert!(matches!(discovery_outcome(&a), Discovery::One(_)));
+        assert!(matches!(discovery_outcome(&[]), Discovery::NotOne(_)));
+    }
+}

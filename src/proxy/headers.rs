@@ -1,0 +1,156 @@
+//! Header policy of the forwarding path, in one place: which headers the proxy strips from the
+//! client's request, which it injects (marked sensitive), and which it strips from responses.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The API's token header (`authorizationToken: Bearer <token>`).
+pub const AUTHORIZATION_TOKEN: HeaderName = HeaderName::from_static("authorizationtoken");
+/// The API's contract header.
+pub const CONTRACT_ID: HeaderName = HeaderName::from_static("x-satellogic-contract-id");
+/// Request id: taken from the client when present and sane, generated otherwise, sent upstream and
+/// echoed back.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Marks an upstream response that the proxy replayed after refreshing its token.
+pub const PROXY_PREFIX: &str = "x-aleph-proxy-";
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                        // Never let Connection remove end-to-end essentials we set ourselves.
+                        if n != AUTHORIZATION_TOKEN && n != CONTRACT_ID {
+                            headers.remove(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for h in HOP_BY_HOP.iter() {
+        headers.remove(h);
+    }
+}
+
+/// Prepares the client's headers for the upstream: strips hop-by-hop and Host, every client
+/// credential (`authorizationToken`, `Authorization`, `Cookie` is kept: it is not a credential of
+/// this API), the inbound access key, and the contract header unless the client may override it;
+/// then injects the proxy's token and contract. Returns the client's contract header when it was
+/// allowed to stand.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    access_key_header: &HeaderName,
+    token: &HeaderValue,
+    contract: Option<&HeaderValue>,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(access_key_header);
+    // `insert` replaces every client-sent value, whatever its case or count.
+    headers.insert(AUTHORIZATION_TOKEN, token.clone());
+    match contract {
+        Some(c) => {
+            headers.insert(CONTRACT_ID, c.clone());
+        }
+        None => {
+            headers.remove(CONTRACT_ID);
+        }
+    }
+    headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// Prepares upstream response headers for the client.
+pub fn prepare_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// A request id: the client's when it is short and printable, else a fresh random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            return v.clone();
+        }
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    HeaderValue::try_from(id).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_credentials_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "AuthorizationToken",
+            HeaderValue::from_static("Bearer client"),
+        );
+        h.append(
+            "authorizationtoken",
+            HeaderValue::from_static("Bearer client2"),
+        );
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        h.insert("x-aleph-proxy-key", HeaderValue::from_static("k"));
+        h.insert("host", HeaderValue::from_static("evil"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-drop"));
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let mut tok = HeaderValue::from_static("Bearer proxy");
+        tok.set_sensitive(true);
+        let key = HeaderName::from_static("x-aleph-proxy-key");
+        prepare_request(
+            &mut h,
+            &key,
+            &tok,
+            Some(&HeaderValue::from_static("c1")),
+            &HeaderValue::from_static("rid"),
+        );
+        let toks: Vec<_> = h.get_all(AUTHORIZATION_TOKEN).iter().collect();
+        assert_eq!(toks, vec![&HeaderValue::from_static("Bearer proxy")]);
+        assert!(h.get(AUTHORIZATION_TOKEN).unwrap().is_sensitive());
+        assert!(h.get("authorization").is_none());
+        assert!(h.get("x-aleph-proxy-key").is_none());
+        assert!(h.get("host").is_none());
+        assert!(h.get("x-drop").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["x-keep"], "1");
+        assert_eq!(h[CONTRACT_ID], "c1");
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(
+            REQUEST_ID,
+            HeaderValue::from_static("bad value with spaces"),
+        );
+        assert_ne!(request_id(&h), "bad value with spaces");
+    }
+}

@@ -1,0 +1,531 @@
+//! The forwarding path: one handler for every request on a proxy listener.
+//!
+//! access check -> in-flight slot -> contract -> token -> headers -> send (bounded retries, one
+//! token refresh after a 401) -> response headers and link rewriting -> streamed body.
+//! Bodies stream both ways; only request bodies under `retry.replay_body_limit` are kept, so that
+//! the request can be replayed.
+
+pub mod access;
+pub mod contract;
+pub mod headers;
+pub mod response;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+use crate::body::{PassBody, ProxyBody, Streamed};
+use crate::config::{Config, RetryConfig, Timeouts};
+use crate::error::ProxyError;
+use crate::token::{schedule, Token, TokenManager};
+use crate::upstream::UpstreamClient;
+use access::Access;
+use contract::{ContractRouter, Resolution};
+
+/// Upstream 401 bodies larger than this are not inspected (they are passed through as they are).
+const MAX_401_BODY: usize = 64 * 1024;
+
+/// Process-wide forwarding state shared by every listener.
+pub struct Shared {
+    pub client: UpstreamClient,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+    pub timeouts: Timeouts,
+    pub retry: RetryConfig,
+    in_flight: Arc<Semaphore>,
+    pub response: response::ResponsePolicy,
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: &Config, client: UpstreamClient) -> Shared {
+        let url = &config.upstream.url;
+        let scheme = if url.scheme() == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        let host = match url.host() {
+            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+            Some(h) => h.to_string(),
+            None => String::new(),
+        };
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        Shared {
+            client,
+            scheme,
+            authority: authority.parse().expect("validated upstream host"),
+            base_path: config.upstream.base_path().to_string(),
+            timeouts: config.timeouts.clone(),
+            retry: config.retry.clone(),
+            in_flight: Arc::new(Semaphore::new(config.limits.max_in_flight)),
+            response: response::ResponsePolicy::new(config),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The upstream URI for a client path and query: the configured scheme and authority, always.
+    /// The client's path is appended to the base path as it is, so `//other-host/x` stays a path.
+    pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let pq = if self.base_path.is_empty() {
+            path_and_query.to_string()
+        } else {
+            format!("{}{}", self.base_path, path_and_query)
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest {
+                detail: "the request path is not valid".into(),
+            })
+    }
+
+    /// Number of requests currently holding an in-flight slot.
+    pub fn in_flight(&self, max: usize) -> usize {
+        max - self.in_flight.available_permits()
+    }
+}
+
+/// One proxy listener: shared state plus its credential and contract rules.
+pub struct Listener {
+    pub shared: Arc<Shared>,
+    pub tokens: Arc<TokenManager>,
+    pub contracts: ContractRouter,
+    pub access: Access,
+    pub local_addr: SocketAddr,
+}
+
+/// Held for the life of a request, until its response body is fully sent.
+pub struct InFlight {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn new(permit: OwnedSemaphorePermit) -> InFlight {
+        metrics::gauge!("aleph_proxy_in_flight_requests").increment(1.0);
+        InFlight { _permit: permit }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("aleph_proxy_in_flight_requests").decrement(1.0);
+    }
+}
+
+/// Parses `Retry-After` (delay-seconds or an HTTP date) into a delay.
+pub fn retry_after_delay(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(s).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// Entry point for hyper: never fails; errors become the proxy's JSON responses.
+pub async fn handle(
+    listener: Arc<Listener>,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let rid = headers::request_id(req.headers());
+    let span = tracing::info_span!("request", id = rid.to_str().unwrap_or("-"));
+    let method = req.method().clone();
+    // The path only: query strings can carry signed parameters.
+    let path = req.uri().path().to_string();
+    let resp = async {
+        let mut resp = match serve(&listener, remote, req, &rid).await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!("aleph_proxy_errors_total", "code" => e.code()).increment(1);
+                let mut r = e.into_response();
+                r.headers_mut().insert(headers::REQUEST_ID, rid.clone());
+                r
+            }
+        };
+        let status = resp.status();
+        let elapsed = started.elapsed();
+        metrics::counter!(
+            "aleph_proxy_requests_total",
+            "method" => method_label(&method),
+            "status" => status_class(status),
+        )
+        .increment(1);
+        let proxy_error = resp
+            .headers()
+            .get(crate::error::ERROR_HEADER)
+            .and_then(|v| v.to_str().ok());
+        tracing::info!(
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            proxy_error,
+            "request"
+        );
+        if listener.shared.draining.load(Ordering::Relaxed) {
+            // Tell keep-alive clients to reconnect elsewhere while draining.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+    .instrument(span)
+    .await;
+    Ok(resp)
+}
+
+async fn serve(
+    l: &Listener,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    l.access.check(remote.ip(), req.headers())?;
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::BadRequest {
+            detail: "CONNECT is not supported: aleph-proxy is a reverse proxy for one API, not a forward proxy".into(),
+        });
+    }
+    if req.version() < http::Version::HTTP_2 && req.uri().authority().is_some() {
+        return Err(ProxyError::BadRequest {
+            detail: "absolute-form request targets (GET http://host/...) are refused: aleph-proxy only forwards to its configured upstream; send the path alone".into(),
+        });
+    }
+    let permit = match l.shared.in_flight.clone().try_acquire_owned() {
+        Ok(p) => InFlight::new(p),
+        Err(_) => {
+            return Err(ProxyError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            })
+        }
+    };
+    let public_base = l.shared.response.public_base(req.headers(), l.local_addr);
+    let resp = forward(l, req, rid).await?;
+    Ok(l.shared
+        .response
+        .finish(resp, rid, &public_base, permit, &l.shared.timeouts)
+        .await)
+}
+
+/// Sends the request upstream with retries; returns the upstream response (headers received).
+async fn forward(
+    l: &Listener,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+) -> Result<(Response<PassBody>, Method), ProxyError> {
+    let started = tokio::time::Instant::now();
+    let shared = &l.shared;
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let uri = shared.upstream_uri(path_and_query)?;
+
+    let client_contract = parts.headers.get(headers::CONTRACT_ID);
+    let contract = match l.contracts.resolve(parts.uri.path(), client_contract) {
+        Resolution::Header(h) => Some(h),
+        Resolution::NoHeader => None,
+        Resolution::Discovered => Some(
+            l.contracts
+                .discovered(l.tokens.wait_timeout())
+                .await
+                .map_err(|detail| ProxyError::NoContract {
+                    path: parts.uri.path().to_string(),
+                    detail,
+                })?,
+        ),
+    };
+
+    let mut token = l.tokens.token().await?;
+    headers::prepare_request(
+        &mut parts.headers,
+        &l.access.cfg.key_header,
+        &token.header,
+        contract.as_ref(),
+        rid,
+    );
+    let body = read_body(body, &parts.headers, shared).await?;
+    let method = parts.method.clone();
+    let retryable_method = is_idempotent(&method);
+    let deadline = started + shared.retry.max_elapsed;
+    let mut attempt: u32 = 0;
+    let mut refreshed = false;
+    let mut body = Some(body);
+
+    loop {
+        let replay = body.as_ref().and_then(|b| b.try_clone());
+        let this_body = match replay {
+            Some(b) => b,
+            None => body.take().ok_or(ProxyError::UpstreamUnreachable)?,
+        };
+        let can_replay = body.is_some();
+        let mut out = Request::new(this_body);
+        *out.method_mut() = method.clone();
+        *out.uri_mut() = uri.clone();
+        *out.headers_mut() = parts.headers.clone();
+
+        let sent = tokio::time::Instant::now();
+        let result =
+            tokio::time::timeout(shared.timeouts.response_headers, shared.client.request(out))
+                .await;
+        metrics::histogram!("aleph_proxy_upstream_duration_seconds")
+            .record(sent.elapsed().as_secs_f64());
+        let resp = match result {
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = shared.timeouts.response_headers.as_millis() as u64,
+                    "upstream did not send response headers in time"
+                );
+                return Err(ProxyError::UpstreamTimeout);
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                let kind = upstream_error_kind(&e);
+                if connect && retryable_method && can_replay && attempt < shared.retry.max_retries {
+                    let delay = schedule::backoff(
+                        attempt,
+                        Duration::from_millis(100),
+                        Duration::from_secs(2),
+                        rand::random(),
+                    );
+                    if tokio::time::Instant::now() + delay < deadline {
+                        tracing::warn!(error = %kind, attempt = attempt + 1, "upstream connect failed; retrying");
+                        metrics::counter!("aleph_proxy_upstream_retries_total", "reason" => "connect").increment(1);
+                        attempt += 1;
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                }
+                tracing::warn!(error = %kind, "upstream request failed");
+                return Err(if kind.contains("timed out") {
+                    ProxyError::UpstreamTimeout
+                } else {
+                    ProxyError::UpstreamUnreachable
+                });
+            }
+            Ok(Ok(resp)) => resp,
+        };
+
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED && !refreshed && !l.tokens.is_legacy() {
+            let (rparts, rbody) = resp.into_parts();
+            let text = read_small(rbody, MAX_401_BODY, shared.timeouts.body_idle).await;
+            let Some(text) = text else {
+                return Err(ProxyError::UpstreamUnreachable);
+            };
+            if mentions_contract(&text) {
+                // A new token cannot fix a contract problem: pass it through, no loop.
+                tracing::warn!("upstream 401 names the contract; passed through");
+                return Ok((rebuild(rparts, text), method));
+            }
+            l.tokens.invalidate(&token);
+            if !can_replay {
+                tracing::warn!(
+                    "upstream 401 on a streamed body that cannot be replayed; passed through"
+                );
+                return Ok((rebuild(rparts, text), method));
+            }
+            refreshed = true;
+            metrics::counter!("aleph_proxy_unauthorized_refreshes_total").increment(1);
+            token = refreshed_token(l, &token).await?;
+            parts
+                .headers
+                .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
+            continue;
+        }
+        if matches!(status.as_u16(), 429 | 502 | 503)
+            && retryable_method
+            && can_replay
+            && attempt < shared.retry.max_retries
+        {
+            let delay = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(retry_after_delay)
+                .unwrap_or_else(|| {
+                    schedule::backoff(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                        rand::random(),
+                    )
+                });
+            if tokio::time::Instant::now() + delay < deadline {
+                tracing::info!(
+                    status = status.as_u16(),
+                    delay_ms = delay.as_millis() as u64,
+                    attempt = attempt + 1,
+                    "upstream busy; retrying"
+                );
+                metrics::counter!("aleph_proxy_upstream_retries_total", "reason" => "status")
+                    .increment(1);
+                attempt += 1;
+                drop(resp);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        }
+        return Ok((resp.map(PassBody::Streaming), method));
+    }
+}
+
+/// A token other than `rejected`, waiting for the refresher.
+async fn refreshed_token(l: &Listener, rejected: &Token) -> Result<Arc<Token>, ProxyError> {
+    let t = l.tokens.token().await?;
+    if t.generation != rejected.generation {
+        return Ok(t);
+    }
+    // The rejected token is still current for an instant (another request re-published it?):
+    // wait for the next generation.
+    let gen = rejected.generation;
+    if l.tokens
+        .wait_for_generation(gen, Duration::from_secs(10))
+        .await
+    {
+        l.tokens.token().await
+    } else {
+        Err(ProxyError::NoToken {
+            retry_after: Duration::from_secs(1),
+        })
+    }
+}
+
+/// Does a 401 body speak of the contract rather than the token?
+fn mentions_contract(body: &Bytes) -> bool {
+    let lower = String::from_utf8_lossy(body).to_ascii_lowercase();
+    lower.contains("contract")
+}
+
+fn rebuild(parts: http::response::Parts, body: Bytes) -> Response<PassBody> {
+    Response::from_parts(parts, PassBody::Buffered(body))
+}
+
+/// Reads a small body completely; None if it fails, is too long or stalls.
+async fn read_small(body: Incoming, limit: usize, idle: Duration) -> Option<Bytes> {
+    let limited = http_body_util::Limited::new(body, limit);
+    let collected = tokio::time::timeout(idle, limited.collect())
+        .await
+        .ok()?
+        .ok()?;
+    Some(collected.to_bytes())
+}
+
+/// Keeps the request body when it is small enough to replay, streams it otherwise.
+async fn read_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    shared: &Shared,
+) -> Result<PassBody, ProxyError> {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return Ok(PassBody::Buffered(Bytes::new()));
+    }
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    match declared {
+        Some(n) if n <= shared.retry.replay_body_limit => {
+            let stream = Streamed::new(body, shared.timeouts.body_idle, ());
+            let bytes = stream
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest {
+                    detail: "the request body was not received completely".into(),
+                })?
+                .to_bytes();
+            Ok(PassBody::Buffered(bytes))
+        }
+        _ => Ok(PassBody::Streaming(body)),
+    }
+}
+
+fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> String {
+    let mut s = String::from(if e.is_connect() { "connect" } else { "request" });
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(
+            retry_after_delay(&HeaderValue::from_static("3")),
+            Some(Duration::from_secs(3))
+        );
+        let past = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(retry_after_delay(&past), Some(Duration::ZERO));
+        assert_eq!(retry_after_delay(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn contract_401s() {
+        assert!(mentions_contract(&Bytes::from_static(
+            br#"{"message":"Invalid X-Satellogic-Contract-Id"}"#
+        )));
+        assert!(!mentions_contract(&Bytes::from_static(
+            br#"{"message":"Unauthorized"}"#
+        )));
+    }
+}

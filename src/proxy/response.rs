@@ -1,0 +1,265 @@
+//! The response stage: hop-by-hop headers out, request id in, upstream links in `Location`,
+//! `Content-Location`, `Link` and JSON bodies rewritten to the proxy's public URL, and the body
+//! streamed with the idle timeout while holding the request's in-flight slot.
+//!
+//! Only JSON bodies are ever buffered, and only up to `rewrite.max_body_bytes`; anything larger,
+//! compressed with an unknown coding, partial (206) or not JSON streams through untouched.
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::body::{self, PassBody, ProxyBody, Streamed};
+use crate::config::{Config, Timeouts};
+use crate::proxy::headers;
+use crate::proxy::InFlight;
+use crate::rewrite::{self, Encoding, Rewriter};
+
+pub struct ResponsePolicy {
+    rewriter: Option<Rewriter>,
+    public_url: Option<String>,
+    max_body: usize,
+}
+
+impl ResponsePolicy {
+    pub fn new(config: &Config) -> ResponsePolicy {
+        ResponsePolicy {
+            rewriter: config
+                .rewrite
+                .enabled
+                .then(|| Rewriter::new(&config.upstream.url)),
+            public_url: config
+                .public_url
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_string()),
+            max_body: config.rewrite.max_body_bytes,
+        }
+    }
+
+    /// The base URL clients should use to come back through this proxy: `public_url`, else the
+    /// Host the client used (scheme http), else the listener's address.
+    pub fn public_base(&self, headers: &HeaderMap, local: SocketAddr) -> Option<String> {
+        self.rewriter.as_ref()?;
+        if let Some(p) = &self.public_url {
+            return Some(p.clone());
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes().all(|b| {
+                        b.is_ascii_alphanumeric()
+                            || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+                    })
+            });
+        Some(match host {
+            Some(h) => format!("http://{h}"),
+            None => format!("http://{local}"),
+        })
+    }
+
+    /// Turns the upstream response into the client's response.
+    pub async fn finish(
+        &self,
+        (resp, method): (Response<PassBody>, Method),
+        rid: &HeaderValue,
+        public_base: &Option<String>,
+        guard: InFlight,
+        timeouts: &Timeouts,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        headers::prepare_response(&mut parts.headers, rid);
+        let (Some(rw), Some(base)) = (&self.rewriter, public_base) else {
+            return Response::from_parts(parts, stream(body, timeouts, guard));
+        };
+        rewrite_headers(rw, base, &mut parts.headers);
+
+        let json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(rewrite::is_json_content_type);
+        let has_body = method != Method::HEAD
+            && !matches!(
+                parts.status,
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::PARTIAL_CONTENT
+            );
+        let encoding = Encoding::from_header(
+            parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let (true, true, Some(encoding)) = (json, has_body, encoding) else {
+            return Response::from_parts(parts, stream(body, timeouts, guard));
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            tracing::warn!(
+                bytes = declared,
+                limit = self.max_body,
+                "JSON response larger than rewrite.max_body_bytes: links in it are not rewritten"
+            );
+            return Response::from_parts(parts, stream(body, timeouts, guard));
+        }
+
+        // Read up to the cap; past it, send what was read followed by the rest, untouched.
+        let mut body = Streamed::new(body, timeouts.body_idle, ());
+        let mut buf = BytesMut::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                        if buf.len() > self.max_body {
+                            tracing::warn!(
+                                limit = self.max_body,
+                                "JSON response larger than rewrite.max_body_bytes: links in it are not rewritten"
+                            );
+                            let head =
+                                http_body_util::Full::new(buf.freeze()).map_err(|e| match e {});
+                            let chained = Chain {
+                                head: Some(head),
+                                tail: body,
+                                _guard: guard,
+                            };
+                            return Response::from_parts(parts, chained.boxed_unsync());
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // The upstream body failed midway: the client sees a truncated response, as
+                    // it would without rewriting.
+                    tracing::warn!(error = %e, "upstream response body failed");
+                    let failed =
+                        http_body_util::StreamBody::new(futures_util::stream::iter(vec![Err::<
+                            http_body::Frame<Bytes>,
+                            body::BoxError,
+                        >(
+                            e
+                        )]));
+                    return Response::from_parts(parts, failed.boxed_unsync());
+                }
+                None => break,
+            }
+        }
+        let original = buf.freeze();
+        let decoded = match encoding {
+            Encoding::Identity => None,
+            enc => match rewrite::decode(enc, &original, self.max_body) {
+                Ok(d) => Some(d),
+                Err(_) => return Response::from_parts(parts, body::full(original)),
+            },
+        };
+        let text: &[u8] = decoded.as_deref().unwrap_or(&original);
+        match rw.rewrite_json(text, base) {
+            Some((new_body, count)) => {
+                metrics::counter!("aleph_proxy_links_rewritten_total").increment(count as u64);
+                // Sent as identity: the client is a local hop where compression buys nothing.
+                parts.headers.remove(header::CONTENT_ENCODING);
+                parts.headers.remove(header::ACCEPT_RANGES);
+                parts.headers.remove("content-md5");
+                parts.headers.remove("digest");
+                parts.headers.remove("content-digest");
+                weaken_etag(&mut parts.headers);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+                Response::from_parts(parts, body::full(new_body))
+            }
+            None => Response::from_parts(parts, body::full(original)),
+        }
+    }
+}
+
+/// The body changed, so a strong validator would lie about byte identity.
+fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(tag) = headers.get(header::ETAG) {
+        let b = tag.as_bytes();
+        if !b.starts_with(b"W/") {
+            let mut weak = b"W/".to_vec();
+            weak.extend_from_slice(b);
+            if let Ok(v) = HeaderValue::from_bytes(&weak) {
+                headers.insert(header::ETAG, v);
+            }
+        }
+    }
+}
+
+fn rewrite_headers(rw: &Rewriter, base: &str, headers: &mut HeaderMap) {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        if let Some(new) = headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| rw.rewrite_url(v, base))
+        {
+            if let Ok(v) = HeaderValue::try_from(new) {
+                headers.insert(name, v);
+                metrics::counter!("aleph_proxy_links_rewritten_total").increment(1);
+            }
+        }
+    }
+    if headers.contains_key(header::LINK) {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::LINK)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| rw.rewrite_link_header(s, base))
+                    .and_then(|s| HeaderValue::try_from(s).ok())
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        headers.remove(header::LINK);
+        for v in values {
+            headers.append(header::LINK, v);
+        }
+    }
+}
+
+fn stream(body: PassBody, timeouts: &Timeouts, guard: InFlight) -> ProxyBody {
+    match body {
+        PassBody::Buffered(b) => body::full(b),
+        PassBody::Streaming(inc) => Streamed::new(inc, timeouts.body_idle, guard).boxed_unsync(),
+    }
+}
+
+/// What was buffered, then the rest of the stream.
+struct Chain<H, T, G> {
+    head: Option<H>,
+    tail: T,
+    _guard: G,
+}
+
+impl<H, T, G> http_body::Body for Chain<H, T, G>
+where
+    H: http_body::Body<Data = Bytes, Error = body::BoxError> + Unpin,
+    T: http_body::Body<Data = Bytes, Error = body::BoxError> + Unpin,
+    G: Unpin,
+{
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, body::BoxError>>> {
+        let this = self.get_mut();
+        if let Some(head) = this.head.as_mut() {
+            match std::pin::Pin::new(head).poll_frame(cx) {
+                std::task::Poll::Ready(None) => this.head = None,
+                other => return other,
+            }
+        }
+        std::pin::Pin::new(&mut this.tail).poll_frame(cx)
+    }
+}

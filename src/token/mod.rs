@@ -1,0 +1,625 @@
+//! The access token: fetched by OAuth2 client credentials (or a static legacy key), held in one
+//! `ArcSwap` snapshot (value and expiry together), refreshed ahead of expiry by one background task.
+//!
+//! Invariants:
+//! - Only the refresher task talks to the token endpoint, so fetches are single flight by
+//!   construction: cold-start requests, 401 invalidations and readiness all just wake it and wait.
+//! - A token past `usable_until` is never handed out; requests wait (bounded) and then get the
+//!   proxy's 503.
+//! - Failed fetches back off exponentially with jitter; waking the task does not shorten a backoff,
+//!   so a failing endpoint is never stampeded.
+
+pub mod cache;
+pub mod schedule;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::error::ProxyError;
+use crate::secret::Secret;
+
+/// Two forced refreshes (after upstream 401s) are at least this far apart.
+const MIN_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One token snapshot. Swapped as a whole: value and times never disagree.
+pub struct Token {
+    /// The complete `authorizationToken` header value, marked sensitive.
+    pub header: HeaderValue,
+    /// Generation number; tells a stale 401 from a fresh one.
+    pub generation: u64,
+    pub issued_at: Instant,
+    pub usable_until: Instant,
+    pub refresh_at: Instant,
+    pub expires_at: Instant,
+    /// Wall-clock expiry, for the metrics and the token cache.
+    pub expires_at_wall: SystemTime,
+    /// The raw access token, for `aleph-proxy token` and the cache only.
+    pub access_token: Secret,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("header", &"***")
+            .field("generation", &self.generation)
+            .field("usable_until", &self.usable_until)
+            .finish()
+    }
+}
+
+impl Token {
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+
+    /// Builds a token snapshot from an access token and its remaining lifetime.
+    pub fn new(
+        access_token: &str,
+        lifetime: Duration,
+        generation: u64,
+        jitter: f64,
+    ) -> Result<Token, FetchError> {
+        let mut header = HeaderValue::try_from(format!("Bearer {access_token}")).map_err(|_| {
+            FetchError::Malformed("access_token has bytes not allowed in a header".into())
+        })?;
+        header.set_sensitive(true);
+        let now = Instant::now();
+        Ok(Token {
+            header,
+            generation,
+            issued_at: now,
+            usable_until: now + lifetime - schedule::expiry_margin(lifetime),
+            refresh_at: now + schedule::refresh_after(lifetime, jitter),
+            expires_at: now + lifetime,
+            expires_at_wall: SystemTime::now() + lifetime,
+            access_token: Secret::new(access_token),
+        })
+    }
+
+    fn legacy(client_id: &str, secret: &Secret) -> Result<Token, FetchError> {
+        let mut header =
+            HeaderValue::try_from(format!("Key,Secret {},{}", client_id, secret.expose()))
+                .map_err(|_| {
+                    FetchError::Malformed(
+                        "client id or secret has bytes not allowed in a header".into(),
+                    )
+                })?;
+        header.set_sensitive(true);
+        let now = Instant::now();
+        let far = Duration::from_secs(100 * 365 * 86400);
+        Ok(Token {
+            header,
+            generation: 1,
+            issued_at: now,
+            usable_until: now + far,
+            refresh_at: now + far,
+            expires_at: now + far,
+            expires_at_wall: SystemTime::now() + far,
+            access_token: Secret::default(),
+        })
+    }
+}
+
+/// Why a fetch failed. Display never includes a secret or a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("token endpoint unreachable: {0}")]
+    Unreachable(String),
+    #[error("token endpoint timed out")]
+    Timeout,
+    #[error("token endpoint rejected the credentials ({0}): check auth.client_id and auth.client_secret")]
+    Credentials(String),
+    #[error("token endpoint is rate limiting (429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("token endpoint answered {0}")]
+    Status(u16),
+    #[error("token endpoint answered 200 with an unusable body: {0}")]
+    Malformed(String),
+}
+
+impl FetchError {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            FetchError::Unreachable(_) => "unreachable",
+            FetchError::Timeout => "timeout",
+            FetchError::Credentials(_) => "rejected",
+            FetchError::RateLimited { .. } => "rate_limited",
+            FetchError::Status(_) => "error_status",
+            FetchError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    token_type: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct TokenErrorBody {
+    error: Option<String>,
+}
+
+enum Source {
+    OAuth {
+        http: reqwest::Client,
+        url: url::Url,
+        /// The JSON request body; holds the client secret, so it is never logged.
+        body: Secret,
+    },
+    Legacy(Token),
+}
+
+/// Holds and refreshes one credential's token. Shared by every listener using that credential.
+pub struct TokenManager {
+    current: ArcSwapOption<Token>,
+    source: Source,
+    wake: Notify,
+    generation: AtomicU64,
+    updates: watch::Sender<u64>,
+    cfg: AuthConfig,
+    /// Fetch outcomes for `aleph-proxy check` and the logs. std Mutex: never held across .await.
+    last_error: Mutex<Option<FetchError>>,
+    fetches: AtomicU64,
+}
+
+impl TokenManager {
+    pub fn new(
+        cfg: &AuthConfig,
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+    ) -> Result<Arc<TokenManager>, String> {
+        let (updates, _) = watch::channel(0);
+        let source = match cfg.mode {
+            AuthMode::Legacy => Source::Legacy(
+                Token::legacy(&cfg.client_id, &cfg.client_secret).map_err(|e| e.to_string())?,
+            ),
+            AuthMode::OAuth => {
+                let http = reqwest::Client::builder()
+                    .use_preconfigured_tls(tls)
+                    .timeout(timeout)
+                    .connect_timeout(timeout)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent(concat!("aleph-proxy/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| format!("cannot build the token client: {e}"))?;
+                let body = serde_json::json!({
+                    "client_id": cfg.client_id,
+                    "client_secret": cfg.client_secret.expose(),
+                    "audience": cfg.audience,
+                    "grant_type": "client_credentials",
+                });
+                Source::OAuth {
+                    http,
+                    url: cfg.token_url.clone(),
+                    body: Secret::new(body.to_string()),
+                }
+            }
+        };
+        let mgr = TokenManager {
+            current: ArcSwapOption::empty(),
+            source,
+            wake: Notify::new(),
+            generation: AtomicU64::new(0),
+            updates,
+            cfg: cfg.clone(),
+            last_error: Mutex::new(None),
+            fetches: AtomicU64::new(0),
+        };
+        if let Source::Legacy(t) = &mgr.source {
+            mgr.current.store(Some(Arc::new(Token {
+                header: t.header.clone(),
+                generation: 1,
+                issued_at: t.issued_at,
+                usable_until: t.usable_until,
+                refresh_at: t.refresh_at,
+                expires_at: t.expires_at,
+                expires_at_wall: t.expires_at_wall,
+                access_token: Secret::default(),
+            })));
+        } else if let Some(path) = &cfg.token_cache {
+            if let Some((access_token, remaining)) = cache::load(path, cfg) {
+                let generation = mgr.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(t) =
+                    Token::new(&access_token, remaining, generation, rand::rng().random())
+                {
+                    tracing::info!(
+                        expires_in_s = remaining.as_secs(),
+                        "using the cached access token"
+                    );
+                    mgr.publish(t);
+                }
+            }
+        }
+        Ok(Arc::new(mgr))
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.cfg.client_id
+    }
+
+    /// How long requests wait for a token (and for contract discovery).
+    pub fn wait_timeout(&self) -> Duration {
+        self.cfg.wait_timeout
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        matches!(self.source, Source::Legacy(_))
+    }
+
+    /// The current token when it is usable right now (the hot path: one atomic load).
+    pub fn current_usable(&self) -> Option<Arc<Token>> {
+        let t = self.current.load_full()?;
+        t.is_usable(Instant::now()).then_some(t)
+    }
+
+    /// Seconds until the current token expires (negative when expired, None without one).
+    pub fn seconds_to_expiry(&self) -> Option<f64> {
+        let t = self.current.load_full()?;
+        let now = Instant::now();
+        Some(if t.expires_at >= now {
+            (t.expires_at - now).as_secs_f64()
+        } else {
+            -((now - t.expires_at).as_secs_f64())
+        })
+    }
+
+    /// Number of token fetches attempted so far.
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<FetchError> {
+        self.last_error.lock().expect("not poisoned").clone()
+    }
+
+    /// A usable token, waiting up to `auth.wait_timeout` for the refresher when there is none.
+    pub async fn token(&self) -> Result<Arc<Token>, ProxyError> {
+        if let Some(t) = self.current_usable() {
+            return Ok(t);
+        }
+        self.wait_for_token(self.cfg.wait_timeout).await
+    }
+
+    /// Waits up to `limit` for a usable token.
+    pub async fn wait_for_token(&self, limit: Duration) -> Result<Arc<Token>, ProxyError> {
+        let mut rx = self.updates.subscribe();
+        self.wake.notify_one();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(t) = self.current_usable() {
+                return Ok(t);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return Err(ProxyError::NoToken {
+                        retry_after: self.cfg.retry_initial_backoff.max(Duration::from_secs(1)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The upstream rejected `token` (401): drop it unless a newer one already replaced it, and
+    /// wake the refresher. Concurrent callers with the same token cause one fetch.
+    pub fn invalidate(&self, token: &Token) {
+        if self.is_legacy() {
+            return;
+        }
+        let generation = token.generation;
+        let prev = self.current.rcu(|cur| match cur {
+            Some(t) if t.generation == generation => None,
+            other => other.clone(),
+        });
+        if prev.as_ref().is_some_and(|t| t.generation == generation) {
+            tracing::warn!(
+                generation,
+                "upstream rejected the access token (401); fetching a new one"
+            );
+            metrics::counter!("aleph_proxy_token_invalidations_total").increment(1);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Makes a token fetched outside the refresher current (the `check` and `contracts` commands).
+    pub fn install_for_tools(&self, t: Token) {
+        self.publish(t);
+    }
+
+    fn publish(&self, t: Token) {
+        let generation = t.generation;
+        self.current.store(Some(Arc::new(t)));
+        self.updates.send_replace(generation);
+    }
+
+    /// Forces the next refresh now (tests, `SIGHUP`-style rotations): the refresher fetches a new
+    /// token while the current one stays in use until replaced.
+    pub fn rotate_now(&self) {
+        if let Some(t) = self.current.load_full() {
+            let rotated = Token {
+                header: t.header.clone(),
+                generation: t.generation,
+                issued_at: t.issued_at,
+                usable_until: t.usable_until,
+                refresh_at: Instant::now(),
+                expires_at: t.expires_at,
+                expires_at_wall: t.expires_at_wall,
+                access_token: t.access_token.clone(),
+            };
+            self.current.store(Some(Arc::new(rotated)));
+        }
+        self.wake.notify_one();
+    }
+
+    /// Waits until a token newer than generation `after` is published (or the timeout passes).
+    pub async fn wait_for_generation(&self, after: u64, limit: Duration) -> bool {
+        let mut rx = self.updates.subscribe();
+        let deadline = Instant::now() + limit;
+        loop {
+            if *rx.borrow_and_update() > after {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |t| t.generation)
+    }
+
+    /// One fetch from the token endpoint.
+    pub async fn fetch(&self) -> Result<Token, FetchError> {
+        let Source::OAuth { http, url, body } = &self.source else {
+            return Token::legacy(&self.cfg.client_id, &self.cfg.client_secret);
+        };
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let result = async {
+            let resp = http
+                .post(url.clone())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::ACCEPT, "application/json")
+                .body(body.expose().to_string())
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        FetchError::Timeout
+                    } else {
+                        FetchError::Unreachable(describe_reqwest(&e))
+                    }
+                })?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(crate::proxy::retry_after_delay);
+            let bytes = resp.bytes().await.map_err(|e| {
+                if e.is_timeout() {
+                    FetchError::Timeout
+                } else {
+                    FetchError::Unreachable(describe_reqwest(&e))
+                }
+            })?;
+            if status == http::StatusCode::TOO_MANY_REQUESTS {
+                return Err(FetchError::RateLimited { retry_after });
+            }
+            if !status.is_success() {
+                let err: TokenErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+                let code = err.error.unwrap_or_default();
+                let credential_problem = matches!(status.as_u16(), 401 | 403)
+                    || matches!(
+                        code.as_str(),
+                        "invalid_client"
+                            | "unauthorized_client"
+                            | "access_denied"
+                            | "invalid_grant"
+                    );
+                if credential_problem {
+                    let what = if code.is_empty() {
+                        status.as_u16().to_string()
+                    } else {
+                        format!("{} {}", status.as_u16(), sanitize(&code))
+                    };
+                    return Err(FetchError::Credentials(what));
+                }
+                return Err(FetchError::Status(status.as_u16()));
+            }
+            // Never log this body: it is the token.
+            let parsed: TokenResponse = serde_json::from_slice(&bytes)
+                .map_err(|_| FetchError::Malformed("not a JSON token response".into()))?;
+            let access_token = parsed
+                .access_token
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| FetchError::Malformed("no access_token".into()))?;
+            if let Some(tt) = &parsed.token_type {
+                if !tt.eq_ignore_ascii_case("bearer") {
+                    return Err(FetchError::Malformed(format!(
+                        "token_type {} is not Bearer",
+                        sanitize(tt)
+                    )));
+                }
+            }
+            let lifetime = match parsed.expires_in {
+                Some(serde_json::Value::Number(n)) => n.as_f64(),
+                Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                None => Some(3600.0),
+                _ => None,
+            }
+            .filter(|s| s.is_finite() && *s >= 1.0)
+            .ok_or_else(|| FetchError::Malformed("expires_in is not a positive number".into()))?;
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            Token::new(
+                access_token.trim(),
+                Duration::from_secs_f64(lifetime),
+                generation,
+                rand::rng().random(),
+            )
+        }
+        .await;
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        metrics::counter!("aleph_proxy_token_fetches_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("aleph_proxy_token_fetch_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The refresher: keeps a usable token until `shutdown` resolves.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        if self.is_legacy() {
+            return;
+        }
+        tokio::pin!(shutdown);
+        let mut failures: u32 = 0;
+        let mut last_fetch: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if let Some(t) = self.current.load_full() {
+                if now < t.refresh_at {
+                    self.record_expiry_gauge();
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t.refresh_at) => {}
+                        _ = self.wake.notified() => {}
+                        _ = &mut shutdown => return,
+                    }
+                    continue;
+                }
+            }
+            // Rate limit forced refreshes: a 401 storm must not become a token storm.
+            if let Some(last) = last_fetch {
+                let earliest = last + MIN_FORCED_REFRESH_INTERVAL;
+                if now < earliest {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(earliest) => {}
+                        _ = &mut shutdown => return,
+                    }
+                }
+            }
+            last_fetch = Some(Instant::now());
+            match self.fetch().await {
+                Ok(token) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            after_failures = failures,
+                            "token endpoint recovered; new access token in use"
+                        );
+                    } else {
+                        tracing::info!(
+                            expires_in_s = (token.expires_at - token.issued_at).as_secs(),
+                            refresh_in_s = (token.refresh_at - token.issued_at).as_secs(),
+                            "access token refreshed"
+                        );
+                    }
+                    failures = 0;
+                    *self.last_error.lock().expect("not poisoned") = None;
+                    if let Some(path) = &self.cfg.token_cache {
+                        cache::store(path, &self.cfg, &token);
+                    }
+                    self.publish(token);
+                    self.record_expiry_gauge();
+                }
+                Err(err) => {
+                    let delay = schedule::backoff(
+                        failures,
+                        self.cfg.retry_initial_backoff,
+                        self.cfg.retry_max_backoff,
+                        rand::rng().random(),
+                    );
+                    let delay = match &err {
+                        FetchError::RateLimited {
+                            retry_after: Some(ra),
+                        } => delay.max(*ra).min(self.cfg.retry_max_backoff.max(*ra)),
+                        _ => delay,
+                    };
+                    let still_usable = self.current_usable().is_some();
+                    // Once per series at error level; the rest at warn with the attempt count.
+                    if failures == 0 {
+                        match &err {
+                            FetchError::Credentials(_) => tracing::error!(
+                                error = %err,
+                                retry_in_ms = delay.as_millis() as u64,
+                                current_token_usable = still_usable,
+                                "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests will fail once the current token expires"
+                            ),
+                            _ => tracing::error!(
+                                error = %err,
+                                retry_in_ms = delay.as_millis() as u64,
+                                current_token_usable = still_usable,
+                                "cannot fetch an access token; retrying with backoff"
+                            ),
+                        }
+                    } else {
+                        tracing::warn!(
+                            error = %err,
+                            attempt = failures + 1,
+                            retry_in_ms = delay.as_millis() as u64,
+                            current_token_usable = still_usable,
+                            "token fetch failed again"
+                        );
+                    }
+                    failures = failures.saturating_add(1);
+                    *self.last_error.lock().expect("not poisoned") = Some(err);
+                    self.record_expiry_gauge();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = &mut shutdown => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn record_expiry_gauge(&self) {
+        if let Some(s) = self.seconds_to_expiry() {
+            metrics::gauge!("aleph_proxy_token_expiry_seconds", "client_id" => self.cfg.client_id.clone())
+                .set(s);
+        }
+    }
+}
+
+/// A reqwest error as text without its URL query or any body.
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let mut s = if e.is_connect() {
+        "connection failed".to_string()
+    } else if e.is_request() {
+        "request failed".to_string()
+    } else if e.is_body() || e.is_decode() {
+        "body failed".to_string()
+    } else {
+        "error".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&sanitize(&inner.to_string()));
+        source = inner.source();
+    }
+    s
+}
+
+/// Keeps only printable ASCII of a remote-supplied string, truncated.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(120)
+        .collect()
+}
