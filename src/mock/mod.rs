@@ -205,7 +205,10 @@ impl Mock {
         });
         let s = state.clone();
         tokio::spawn(async move {
-            let app = Router::new().fallback(api_handler).with_state(s);
+            let app = Router::new()
+                .fallback(api_handler)
+                .layer(axum::extract::DefaultBodyLimit::disable())
+                .with_state(s);
             let _ = axum::serve(api, app).await;
         });
         let s = state.clone();
