@@ -1,0 +1,292 @@
+//! Link rewriting, per-listener contracts, range/conditional pass-through and CORS, through the
+//! real proxy and the mock API over loopback sockets.
+
+mod support;
+
+use aleph_proxy::mock::{MockOptions, MOCK_CONTRACT, MOCK_CONTRACT_2};
+use support::{client, Harness};
+
+const ITEM: &str = "20240101_120000_SN00_L1D_0000";
+
+#[tokio::test]
+async fn drf_next_and_previous_point_back_at_the_proxy() {
+    let h = Harness::start("").await;
+    let v: serde_json::Value = client()
+        .get(h.url("/tasking/tasks/?limit=100&offset=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["next"], h.url("/tasking/tasks/?limit=100&offset=200"));
+    assert_eq!(v["previous"], h.url("/tasking/tasks/?limit=100&offset=0"));
+}
+
+#[tokio::test]
+async fn relative_links_and_presigned_urls_are_untouched() {
+    let h = Harness::start("").await;
+    let c = client();
+    let v: serde_json::Value = c
+        .get(h.url("/v2/orders/?limit=25"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["next"], "/v2/orders?offset=25&limit=25");
+
+    let page: serde_json::Value = c
+        .get(h.url("/archive/stac/search?limit=2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let item = &page["features"][0];
+    let thumb = item["assets"]["thumbnail"]["href"].as_str().unwrap();
+    assert!(thumb.starts_with(&h.mock.object_store_url), "{thumb}");
+    assert!(thumb.contains("X-Amz-Signature=deadbeef0000"));
+    let data = item["assets"]["analytic"]["href"].as_str().unwrap();
+    // The data asset is ours now, and its embedded s3:// query parameter is unchanged.
+    assert_eq!(
+        data,
+        h.url(&format!(
+            "/assets/l1d/{ITEM}/analytic?s=s3://satellogic-archive/{ITEM}/analytic.tif"
+        ))
+    );
+    let next = page["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["rel"] == "next")
+        .unwrap();
+    assert!(next["href"].as_str().unwrap().starts_with(&h.url("/archive/stac/search?")));
+}
+
+#[tokio::test]
+async fn post_search_next_keeps_its_body_and_gets_the_proxy_href() {
+    let h = Harness::start("").await;
+    let req = serde_json::json!({"collections": ["l1d"], "limit": 3, "filter-lang": "cql2-json",
+        "filter": {"op": "<", "args": [{"property": "eo:cloud_cover"}, 50]}});
+    let page: serde_json::Value = client()
+        .post(h.url("/archive/stac/search"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let next = page["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["rel"] == "next")
+        .unwrap();
+    assert_eq!(next["href"], h.url("/archive/stac/search"));
+    assert_eq!(next["method"], "POST");
+    assert_eq!(next["body"]["next"], "cursor-3");
+    assert_eq!(next["body"]["filter"], req["filter"]);
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_decoded_rewritten_and_sent_with_a_correct_length() {
+    let h = Harness::start("").await;
+    let r = client()
+        .get(h.url("/tasking/tasks/?limit=5"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-encoding").is_none());
+    let len: usize = r.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), len);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["next"], h.url("/tasking/tasks/?limit=5&offset=5"));
+    // The upstream did answer with gzip.
+    let rec = h.mock.state.last_request().unwrap();
+    assert_eq!(rec.headers["accept-encoding"], "gzip");
+}
+
+#[tokio::test]
+async fn location_and_link_headers_are_rewritten() {
+    let h = Harness::start("").await;
+    let r = client().get(h.url("/tasking/tasks/42")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], h.url("/tasking/tasks/42/").as_str());
+    assert_eq!(
+        r.headers()["link"],
+        format!("<{}>; rel=\"canonical\"", h.url("/tasking/tasks/42/")).as_str()
+    );
+}
+
+#[tokio::test]
+async fn public_url_and_the_off_switch() {
+    let h = Harness::start("public_url = \"https://proxy.example.org/aleph\"").await;
+    let v: serde_json::Value = client()
+        .get(h.url("/tasking/tasks/?limit=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["next"],
+        "https://proxy.example.org/aleph/tasking/tasks/?limit=100&offset=100"
+    );
+
+    let h = Harness::start("[rewrite]\nenabled = false").await;
+    let v: serde_json::Value = client()
+        .get(h.url("/tasking/tasks/?limit=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["next"],
+        format!("{}/tasking/tasks/?limit=100&offset=100", h.mock.api_url)
+    );
+}
+
+#[tokio::test]
+async fn bodies_over_the_cap_stream_through_unchanged() {
+    let h = Harness::start("[rewrite]\nmax_body_bytes = 1000").await;
+    let r = client()
+        .get(h.url("/archive/stac/search?limit=5"))
+        .send()
+        .await
+        .unwrap();
+    let body = r.text().await.unwrap();
+    assert!(body.len() > 1000);
+    assert!(body.contains(&format!("{}/archive/stac/", h.mock.api_url)));
+    serde_json::from_str::<serde_json::Value>(&body).unwrap();
+}
+
+#[tokio::test]
+async fn range_head_and_conditional_requests_pass_through() {
+    let h = Harness::start_with(
+        MockOptions {
+            asset_size: 1 << 20,
+            ..MockOptions::default()
+        },
+        "",
+    )
+    .await;
+    let c = client();
+    let url = h.url(&format!("/assets/l1d/{ITEM}/analytic"));
+    let r = c.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 100-199/1048576");
+    let etag = r.headers()["etag"].clone();
+    assert_eq!(r.bytes().await.unwrap().len(), 100);
+
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "1048576");
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+
+    let r = c.get(&url).header("if-none-match", etag.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    let rec = h.mock.state.last_request().unwrap();
+    assert_eq!(rec.headers["if-none-match"], etag);
+    let r = c
+        .get(&url)
+        .header("if-modified-since", "Mon, 01 Jan 2024 12:00:00 GMT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+}
+
+#[tokio::test]
+async fn each_listener_uses_its_own_contract_and_they_share_one_token() {
+    let h = Harness::start_with(
+        MockOptions {
+            contracts: vec![
+                (MOCK_CONTRACT.into(), "A".into()),
+                (MOCK_CONTRACT_2.into(), "B".into()),
+            ],
+            ..MockOptions::default()
+        },
+        &format!(
+            r#"
+            [[listeners]]
+            listen = "127.0.0.1:0"
+            contract = "{MOCK_CONTRACT}"
+            [[listeners]]
+            listen = "127.0.0.1:0"
+            contract = "{MOCK_CONTRACT_2}"
+            "#
+        ),
+    )
+    .await;
+    let c = client();
+    for (addr, want) in [(h.proxies[1], MOCK_CONTRACT), (h.proxies[2], MOCK_CONTRACT_2)] {
+        let r = c
+            .get(format!("http://{addr}/archive/stac/search?limit=1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        // Links point back at the listener that was used, so the contract sticks.
+        let href = v["features"][0]["links"][0]["href"].as_str().unwrap();
+        assert!(href.starts_with(&format!("http://{addr}/")), "{href}");
+        let rec = h.mock.state.last_request().unwrap();
+        assert_eq!(rec.headers["x-satellogic-contract-id"], want);
+    }
+    assert_eq!(h.token_fetches(), 1);
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
+    let h = Harness::start("").await;
+    let r = client()
+        .get(h.url("/tasking/products/"))
+        .header("origin", "http://maps.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let h = Harness::start("[cors]\nallowed_origins = [\"http://maps.example\"]").await;
+    let before = h.mock.state.api_requests.load(std::sync::atomic::Ordering::SeqCst);
+    let r = client()
+        .request(reqwest::Method::OPTIONS, h.url("/archive/stac/search"))
+        .header("origin", "http://maps.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://maps.example");
+    assert_eq!(
+        h.mock.state.api_requests.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "preflight reached the upstream"
+    );
+    let r = client()
+        .get(h.url("/tasking/products/"))
+        .header("origin", "http://maps.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://maps.example");
+    let r = client()
+        .get(h.url("/tasking/products/"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
