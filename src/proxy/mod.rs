@@ -179,7 +179,8 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let rid = headers::request_id(req.headers());
-    let span = tracing::info_span!("request", id = rid.to_str().unwrap_or("-"));
+    // `request_id`, not `id`: JSON logs show it as span.request_id, which a log query can name.
+    let span = tracing::info_span!("request", request_id = rid.to_str().unwrap_or("-"));
     let method = req.method().clone();
     // The path only: query strings can carry signed parameters.
     let path = req.uri().path().to_string();
