@@ -109,6 +109,21 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// `admin.listen` from the layers, without validating the rest. A config file that cannot be read
+/// or parsed must not hide an address given in the environment or on the command line (a figment
+/// with a broken file fails every extraction), so the file is dropped before falling back.
+fn admin_listen_for_probe(g: &Global) -> String {
+    let extract = |path: Option<&std::path::Path>| {
+        config::figment(path, &g.overrides())
+            .extract_inner::<figment::value::Value>("admin.listen")
+            .ok()
+            .and_then(|v| v.into_string())
+    };
+    extract(g.config.as_deref())
+        .or_else(|| extract(None))
+        .unwrap_or_else(|| config::DEFAULT_ADMIN_LISTEN.to_string())
+}
+
 fn load_or_report(g: &Global) -> Option<Config> {
     match g.load() {
         Ok(c) => Some(c),
@@ -155,8 +170,9 @@ pub fn demo_config(mock: &Mock, g: &Global) -> Result<Config, config::ConfigErro
     for (k, v) in g.overrides().0 {
         o.0.insert(k, v);
     }
-    config::from_figment(&config::figment(None, &o).select("__demo_no_env__"))
-        .or_else(|_| config::from_figment(&figment_only(&o)))
+    // Flags only: ALEPH_PROXY_* variables meant for a real deployment (an access key, a token
+    // cache, a real contract id) must not leak into the demo and make it fail in confusing ways.
+    config::from_figment(&figment_only(&o))
 }
 
 fn figment_only(o: &Overrides) -> figment::Figment {
@@ -168,7 +184,6 @@ fn figment_only(o: &Overrides) -> figment::Figment {
 }
 
 async fn demo(g: &Global) -> ExitCode {
-    crate::telemetry::init_logging(config::LogFormat::Text);
     let mock = match Mock::start(MockOptions::default()).await {
         Ok(m) => m,
         Err(e) => {
@@ -183,6 +198,7 @@ async fn demo(g: &Global) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    crate::telemetry::init_logging(config.log_format);
     let bound = match crate::bind(&config).await {
         Ok(b) => b,
         Err(e) => {
@@ -223,10 +239,10 @@ Stop with Ctrl-C.
 }
 
 async fn check(g: &Global) -> ExitCode {
-    crate::telemetry::init_logging(config::LogFormat::Text);
     let Some(config) = load_or_report(g) else {
         return ExitCode::from(2);
     };
+    crate::telemetry::init_logging(config.log_format);
     println!("configuration: ok");
     let rt = match crate::Runtime::new(&config) {
         Ok(rt) => rt,
@@ -292,6 +308,11 @@ async fn check(g: &Global) -> ExitCode {
                         }
                         None => match ids.as_slice() {
                             [one] => println!("    everything else -> {one} (discovered: the credential's only contract)"),
+                            // Clients name the contract themselves; without the header they get
+                            // a 422, which is their choice, not a configuration problem.
+                            _ if l.contract.allow_client_override => println!(
+                                "    everything else -> the client's X-Satellogic-Contract-Id (allow_client_override; none set: 422)"
+                            ),
                             _ => {
                                 println!("    everything else -> NONE: set contract.default (the credential has {} contracts)", ids.len());
                                 ok = false;
@@ -328,10 +349,10 @@ async fn list_with(
 async fn fetch_token_once(
     g: &Global,
 ) -> Result<(Config, crate::Runtime, crate::token::Token), ExitCode> {
-    crate::telemetry::init_logging(config::LogFormat::Text);
     let Some(config) = load_or_report(g) else {
         return Err(ExitCode::from(2));
     };
+    crate::telemetry::init_logging(config.log_format);
     let rt = crate::Runtime::new(&config).map_err(|e| {
         eprintln!("aleph-proxy: {e}");
         ExitCode::from(1)
@@ -388,10 +409,7 @@ async fn contracts(g: &Global, json: bool) -> ExitCode {
 
 /// Only `admin.listen` matters here, so a config with other problems still health-checks.
 async fn healthcheck(g: &Global, timeout: Duration) -> ExitCode {
-    let fig = config::figment(g.config.as_deref(), &g.overrides());
-    let text = fig
-        .extract_inner::<String>("admin.listen")
-        .unwrap_or_else(|_| config::DEFAULT_ADMIN_LISTEN.to_string());
+    let text = admin_listen_for_probe(g);
     let mut addr = match config::parse_listen(&text) {
         Ok(a) => a,
         Err(e) => {

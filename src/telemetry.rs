@@ -97,4 +97,18 @@ fn describe() {
         "aleph_proxy_connections_rejected_total",
         "Connections closed at once because limits.max_connections was reached"
     );
+
+    // The exporter renders a series only once it exists. Create the label-less ones at zero now,
+    // so the first scrape already lists them: a counter born on its first event hides that event
+    // from rate()/increase(), and an alert on it cannot tell "never happened" from "not scraped".
+    // (Labelled series appear with their first label combination.)
+    for name in [
+        "aleph_proxy_unauthorized_refreshes_total",
+        "aleph_proxy_token_invalidations_total",
+        "aleph_proxy_links_rewritten_total",
+        "aleph_proxy_connections_rejected_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!("aleph_proxy_in_flight_requests").increment(0.0);
 }

@@ -25,6 +25,17 @@ struct CacheFile {
 
 /// The cached access token and its remaining lifetime, when the cache is valid for `cfg`.
 pub fn load(path: &Path, cfg: &AuthConfig) -> Option<(String, Duration)> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        // aleph-proxy writes the cache 0600. A file other users can read or write was not written
+        // by it (or was changed since): another user could have planted the token in it.
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "token cache is accessible to other users (aleph-proxy writes it 0600); ignoring it");
+            return None;
+        }
+    }
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -80,16 +91,86 @@ pub fn store(path: &Path, cfg: &AuthConfig, token: &Token) {
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A leftover temporary file (a crash between open and rename) keeps its old mode when opened
+    // again, so remove it and create it afresh with 0600.
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
     let mut f = opts.open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
     drop(f);
-    std::fs::rename(&tmp, path)
+    // The rename replaces the old file whatever its mode, so a cache once left readable by others
+    // is 0600 again after the next write.
+    let result = written.and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthMode;
+    use crate::secret::Secret;
+
+    fn cfg(client_id: &str) -> AuthConfig {
+        AuthConfig {
+            mode: AuthMode::OAuth,
+            token_url: "http://127.0.0.1:1/oauth/token".parse().unwrap(),
+            audience: "https://api.satellogic.com/".into(),
+            client_id: client_id.into(),
+            client_secret: Secret::new("s"),
+            token_cache: None,
+            wait_timeout: Duration::from_secs(1),
+            retry_initial_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn round_trip_private_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let t = Token::new("tok-1", Duration::from_secs(3600), 1, 0.5).unwrap();
+        store(&path, &cfg("a"), &t);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let (tok, left) = load(&path, &cfg("a")).expect("valid cache");
+        assert_eq!(tok, "tok-1");
+        assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+        // Another client, a corrupt file, an expired token: ignored.
+        assert!(load(&path, &cfg("b")).is_none());
+        let short = Token::new("tok-2", Duration::from_secs(60), 2, 0.5).unwrap();
+        store(&path, &cfg("a"), &short);
+        assert!(load(&path, &cfg("a")).is_none());
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(load(&path, &cfg("a")).is_none());
+        assert!(load(&dir.path().join("missing.json"), &cfg("a")).is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_other_users_can_touch_is_ignored_then_rewritten_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let t = Token::new("tok-1", Duration::from_secs(3600), 1, 0.5).unwrap();
+        store(&path, &cfg("a"), &t);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load(&path, &cfg("a")).is_none());
+        store(&path, &cfg("a"), &t);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(load(&path, &cfg("a")).is_some());
+    }
 }
