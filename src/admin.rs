@@ -62,7 +62,9 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    for t in &s.tokens {
+    // Refreshed at scrape time so the value is exact whenever the refresher is asleep. A legacy
+    // key never expires: a made-up "100 years" would only skew dashboards, so it has no series.
+    for t in s.tokens.iter().filter(|t| !t.is_legacy()) {
         if let Some(secs) = t.seconds_to_expiry() {
             metrics::gauge!("aleph_proxy_token_expiry_seconds", "client_id" => t.client_id().to_string())
                 .set(secs);

@@ -53,16 +53,28 @@ pub enum Command {
     /// Run the proxy in front of a built-in mock of the Aleph API; no credentials needed.
     Demo,
     /// Validate the configuration, fetch a token, list contracts, show contract routing.
+    #[command(
+        after_help = "Exit status: 0 all good; 1 a problem (token endpoint, /contracts, a contract the credential lacks, no contract for some paths); 2 invalid configuration."
+    )]
     Check,
     /// Print a fresh access token to stdout (for scripts).
+    #[command(
+        after_help = "Prints the token of the main credential and a newline, nothing else on stdout.\nExit status: 0 printed; 1 no token (see stderr); 2 invalid configuration."
+    )]
     Token,
     /// List the contracts of the configured credential.
+    #[command(
+        after_help = "Exit status: 0 listed; 1 no token or /contracts failed; 2 invalid configuration."
+    )]
     Contracts {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Ask a running instance's /readyz; exit 0 when ready (for images without curl).
+    #[command(
+        after_help = "Reads only admin.listen (flag, environment, then file; 0.0.0.0 means this host's loopback), so it works with the container's environment and an otherwise unusable config.\nExit status: 0 ready; 1 not ready, draining or not running; 2 admin.listen is invalid."
+    )]
     Healthcheck {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 3)]

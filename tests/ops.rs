@@ -1087,7 +1087,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
     let (proxy, admin) = (free_addr(), free_addr());
     let mut c = aleph();
     container_env(&mut c, &mock, dir.path(), proxy, admin);
-    c.arg("run");
+    // No subcommand: `run` is the default.
     let p = Running::spawn(c, proxy, admin);
     p.ready().await;
 
