@@ -229,6 +229,9 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     pub rewrite: RewriteConfig,
     pub log_format: LogFormat,
+    /// Things that work but deserve a warning (a world-readable secret file). Collected here
+    /// because the configuration is read before logging is set up; `run` logs them.
+    pub warnings: Vec<String>,
 }
 
 /// Every problem found in a configuration.
@@ -299,9 +302,11 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
     let mut p = Parser {
         fig,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     p.check_unknown_keys();
-    let config = p.parse();
+    let mut config = p.parse();
+    config.warnings = std::mem::take(&mut p.warnings);
     if p.problems.is_empty() {
         Ok(config)
     } else {
@@ -314,6 +319,7 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
 struct Parser<'a> {
     fig: &'a Figment,
     problems: Vec<String>,
+    warnings: Vec<String>,
 }
 
 fn source_of(fig: &Figment, v: &Value) -> String {
@@ -336,7 +342,7 @@ impl Parser<'_> {
             Ok(d) => d,
             Err(e) => {
                 for err in e {
-                    self.problem(err.to_string());
+                    self.problem(without_source_lines(&err.to_string()));
                 }
                 return;
             }
@@ -544,7 +550,10 @@ impl Parser<'_> {
             }
             (Some(s), None) => Some(s),
             (None, Some(path)) => match read_secret_file(&path) {
-                Ok(s) => Some(s),
+                Ok((s, warning)) => {
+                    self.warnings.extend(warning);
+                    Some(s)
+                }
                 Err(e) => {
                     self.problem(format!("`{file_key}`: {e}"));
                     None
@@ -717,6 +726,7 @@ impl Parser<'_> {
             cors_allowed_origins,
             rewrite,
             log_format,
+            warnings: Vec::new(),
         }
     }
 
@@ -958,35 +968,48 @@ pub fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// Reads a secret from a file once: trimmed, warned about when other users can read it.
-pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+/// Reads a secret from a file once, trimmed (editors and `echo` add a newline). The second value
+/// is a warning when other users can read the file.
+pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<String>), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }
-    warn_if_world_readable(path);
-    Ok(Secret::new(trimmed))
+    Ok((Secret::new(trimmed), world_readable_warning(path)))
 }
 
 #[cfg(unix)]
-fn warn_if_world_readable(path: &Path) {
+fn world_readable_warning(path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(md) = std::fs::metadata(path) {
-        let mode = md.permissions().mode();
-        if mode & 0o004 != 0 {
-            tracing::warn!(
-                file = %path.display(),
-                mode = format!("{:o}", mode & 0o777),
-                "secret file is readable by every user on this machine; chmod 600 (or 640) it"
-            );
-        }
-    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "secret file {} is readable by every user on this machine (mode {:o}); chmod 600 (or 640) it",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 #[cfg(not(unix))]
-fn warn_if_world_readable(_path: &Path) {}
+fn world_readable_warning(_path: &Path) -> Option<String> {
+    None
+}
+
+/// Drops the source excerpt of a parse error (`5 | client_secret = abc`): the line that failed
+/// to parse may be the one holding a secret. The line and column numbers stay.
+fn without_source_lines(msg: &str) -> String {
+    msg.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+            !(t.starts_with('|') || (digits > 0 && t[digits..].trim_start().starts_with('|')))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 #[cfg(test)]
 mod tests {
@@ -1093,6 +1116,21 @@ mod tests {
             let dbg = format!("{c:?}");
             assert!(!dbg.contains("s3cr3t-value"));
             assert!(!dbg.contains("a-very-long-access-key-123"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn syntax_errors_do_not_echo_the_line_holding_a_secret() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "bad.toml",
+                "[auth]\nclient_id = \"x\"\nclient_secret = unquoted-s3cret-value\n",
+            )?;
+            let err = load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains("unquoted-s3cret-value"), "{text}");
+            assert!(text.contains("line 3"), "{text}");
             Ok(())
         });
     }

@@ -166,6 +166,10 @@ pub async fn run_with(
     rt: Runtime,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // Found while reading the configuration, before logging was set up.
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let cancel = CancellationToken::new();
     let stop_background = CancellationToken::new();
     let metrics = telemetry::metrics_handle();

@@ -333,6 +333,13 @@ async fn forward(
                 return Err(ProxyError::UpstreamTimeout);
             }
             Ok(Err(e)) => {
+                if client_body_failed(&e) {
+                    tracing::info!("the client's request body failed (malformed or cut short)");
+                    return Err(ProxyError::BadRequest {
+                        detail: "the request body is malformed or was not received completely"
+                            .into(),
+                    });
+                }
                 let connect = e.is_connect();
                 let kind = upstream_error_kind(&e);
                 if connect && retryable_method && can_replay && attempt < shared.retry.max_retries {
@@ -492,6 +499,23 @@ async fn read_body(
         }
         _ => Ok(PassBody::Streaming(body)),
     }
+}
+
+/// Did the send fail because the client's own streamed body failed (a bad chunk size, a client
+/// that hung up mid-body)? hyper reports a user body error caused by the inbound body's error.
+/// That is the client's fault: a 400, not a 502 that blames the upstream.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_user())
+        {
+            return inner.source().is_some_and(|c| c.is::<hyper::Error>());
+        }
+        source = inner.source();
+    }
+    false
 }
 
 fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> String {
