@@ -132,6 +132,9 @@ mod tests {
         let toks: Vec<_> = h.get_all(AUTHORIZATION_TOKEN).iter().collect();
         assert_eq!(toks, vec![&HeaderValue::from_static("Bearer proxy")]);
         assert!(h.get(AUTHORIZATION_TOKEN).unwrap().is_sensitive());
+        // What a `?headers` log field or a hyper/h2 trace would print: no token. (h2 also sends
+        // sensitive values never-indexed, out of reach of HPACK compression attacks.)
+        assert!(!format!("{h:?}").contains("Bearer proxy"));
         assert!(h.get("authorization").is_none());
         assert!(h.get("x-aleph-proxy-key").is_none());
         assert!(h.get("host").is_none());
