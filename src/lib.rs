@@ -283,6 +283,12 @@ pub async fn run_with(
 async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sender<Discovery>) {
     let mut attempt = 0;
     loop {
+        // A token outage is the refresher's to handle: wait for its token instead of failing and
+        // backing off, so discovery finishes as soon as the token endpoint recovers (a backoff of
+        // up to a minute here would keep answering 422 after the outage is over).
+        while tokens.current_usable().is_none() {
+            let _ = tokens.wait_for_token(Duration::from_secs(3600)).await;
+        }
         match list_contracts(&shared, &tokens).await {
             Ok(list) => {
                 let outcome = contract::discovery_outcome(&list);
@@ -315,23 +321,48 @@ async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sen
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// The handlers are installed when this is called, not when the future is first polled: `run`
+/// polls it only after start-up, and a SIGTERM arriving in between would otherwise take the
+/// default action and kill the process with a non-zero status instead of draining.
+/// Must be called within a Tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+    async move {
+        #[cfg(unix)]
+        {
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = int => tracing::info!("SIGINT received"),
+                _ = term => tracing::info!("SIGTERM received"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("SIGINT received");
+        }
     }
 }

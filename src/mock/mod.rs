@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,8 @@ pub enum TokenMode {
     Reject,
     /// Accept the connection, never answer.
     Hang,
+    /// The endpoint is down: connections are reset (new ones at once, open ones on their next use).
+    Down,
 }
 
 /// One request the mock API or object store received.
@@ -93,8 +95,14 @@ pub struct MockState {
     tokens: Mutex<HashMap<String, Instant>>,
     /// Every upstream answer is delayed by this much (slow upstream).
     pub api_delay: Mutex<Duration>,
-    /// The next N API requests answer this status (with Retry-After: 0 for 429/503).
+    /// The next N API requests answer this status (with Retry-After for 429/503).
     pub api_fail_next: Mutex<Option<(u16, u32)>>,
+    /// The Retry-After value sent with injected 429/503 answers ("0" unless a test changes it).
+    pub api_fail_retry_after: Mutex<String>,
+    /// The API is down: its connections are reset (a crashed upstream behind a load balancer).
+    pub api_down: AtomicBool,
+    /// TCP connections the API listener accepted (tells pooled reuse from one connection per request).
+    pub api_connections: AtomicU64,
     /// Asset bodies are sent at most this many bytes per second (0 = unthrottled).
     pub asset_rate: AtomicU64,
     pub api_requests: AtomicU64,
@@ -118,6 +126,9 @@ impl MockState {
             tokens: Mutex::new(HashMap::new()),
             api_delay: Mutex::new(Duration::ZERO),
             api_fail_next: Mutex::new(None),
+            api_fail_retry_after: Mutex::new("0".into()),
+            api_down: AtomicBool::new(false),
+            api_connections: AtomicU64::new(0),
             asset_rate: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
             recorded: Mutex::new(VecDeque::new()),
@@ -136,6 +147,28 @@ impl MockState {
     /// Every token issued so far stops working (revocation, key rotation).
     pub fn revoke_all_tokens(&self) {
         self.tokens.lock().unwrap().clear();
+    }
+
+    /// Every token but the most recently issued one stops working (a rotation on the server side).
+    pub fn revoke_all_but_latest(&self) {
+        let serial = |t: &str| -> u64 {
+            t.strip_prefix("mock-token-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut tokens = self.tokens.lock().unwrap();
+        let latest = tokens.keys().map(|t| serial(t)).max().unwrap_or(0);
+        tokens.retain(|t, _| serial(t) == latest);
+    }
+
+    /// Is the token endpoint (`token == true`) or the API down?
+    fn is_down(&self, token: bool) -> bool {
+        if token {
+            *self.token_mode.lock().unwrap() == TokenMode::Down
+        } else {
+            self.api_down.load(Ordering::SeqCst)
+        }
     }
 
     pub fn issued_tokens(&self) -> Vec<String> {
@@ -199,17 +232,19 @@ impl Mock {
         *state.object_store_url.lock().unwrap() = object_store_url.clone();
 
         let s = state.clone();
+        let s2 = state.clone();
         tokio::spawn(async move {
             let app = Router::new().fallback(token_endpoint).with_state(s);
-            let _ = axum::serve(auth, app).await;
+            let _ = axum::serve(FaultyListener::new(auth, s2, true), app).await;
         });
         let s = state.clone();
+        let s2 = state.clone();
         tokio::spawn(async move {
             let app = Router::new()
                 .fallback(api_handler)
                 .layer(axum::extract::DefaultBodyLimit::disable())
                 .with_state(s);
-            let _ = axum::serve(api, app).await;
+            let _ = axum::serve(FaultyListener::new(api, s2, false), app).await;
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -280,6 +315,8 @@ async fn token_endpoint(
         TokenMode::Hang => {
             std::future::pending::<()>().await;
         }
+        // A request that was read before the switch flipped: answer like a dying server would.
+        TokenMode::Down => return StatusCode::BAD_GATEWAY.into_response(),
     }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_response(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
@@ -368,7 +405,9 @@ async fn api_handler(
                 json!({"message": "injected failure"}),
             );
             if status == 429 || status == 503 {
-                r.headers_mut().insert("retry-after", "0".parse().unwrap());
+                let ra = s.api_fail_retry_after.lock().unwrap().clone();
+                r.headers_mut()
+                    .insert("retry-after", ra.parse().expect("a header value"));
             }
             return r;
         }
@@ -832,4 +871,122 @@ fn parse_range(r: &str, total: usize) -> Option<Result<(usize, usize), ()>> {
         return Some(Err(()));
     }
     Some(Ok((start, end)))
+}
+
+/// A listener whose connections fail on demand: while its side is down, new connections are closed
+/// at once and open ones are reset on their next read or write, as when a server process dies.
+/// It also counts accepted connections, so tests can see whether the proxy pools them.
+struct FaultyListener {
+    inner: TcpListener,
+    state: Arc<MockState>,
+    token: bool,
+}
+
+impl FaultyListener {
+    fn new(inner: TcpListener, state: Arc<MockState>, token: bool) -> FaultyListener {
+        FaultyListener {
+            inner,
+            state,
+            token,
+        }
+    }
+}
+
+impl axum::serve::Listener for FaultyListener {
+    type Io = FaultyIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (FaultyIo, SocketAddr) {
+        loop {
+            let (io, addr) = match self.inner.accept().await {
+                Ok(x) => x,
+                Err(_) => {
+                    // EMFILE and friends: let the system recover instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            if !self.token {
+                self.state.api_connections.fetch_add(1, Ordering::SeqCst);
+            }
+            if self.state.is_down(self.token) {
+                // Linger 0 turns the close into a reset, like a port nobody serves.
+                let _ = io.set_zero_linger();
+                drop(io);
+                continue;
+            }
+            let _ = io.set_nodelay(true);
+            return (
+                FaultyIo {
+                    inner: io,
+                    state: self.state.clone(),
+                    token: self.token,
+                },
+                addr,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of [`FaultyListener`].
+struct FaultyIo {
+    inner: tokio::net::TcpStream,
+    state: Arc<MockState>,
+    token: bool,
+}
+
+impl FaultyIo {
+    fn check(&self) -> std::io::Result<()> {
+        if self.state.is_down(self.token) {
+            let _ = self.inner.set_zero_linger();
+            return Err(std::io::ErrorKind::ConnectionReset.into());
+        }
+        Ok(())
+    }
+}
+
+impl tokio::io::AsyncRead for FaultyIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for FaultyIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check() {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }

@@ -275,22 +275,30 @@ async fn forward(
         .unwrap_or("/");
     let uri = shared.upstream_uri(path_and_query)?;
 
+    // The token first: without one nothing can be sent, and discovery (which needs a token too)
+    // would otherwise turn a token outage into a misleading 422 `no_contract`.
+    let mut token = l.tokens.token().await?;
+
     let client_contract = parts.headers.get(headers::CONTRACT_ID);
     let contract = match l.contracts.resolve(parts.uri.path(), client_contract) {
         Resolution::Header(h) => Some(h),
         Resolution::NoHeader => None,
-        Resolution::Discovered => Some(
-            l.contracts
-                .discovered(l.tokens.wait_timeout())
-                .await
-                .map_err(|detail| ProxyError::NoContract {
+        Resolution::Discovered => match l.contracts.discovered(l.tokens.wait_timeout()).await {
+            Ok(h) => Some(h),
+            // The token expired while discovery waited for one: that is the real cause.
+            Err(_) if l.tokens.current_usable().is_none() => {
+                return Err(ProxyError::NoToken {
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+            Err(detail) => {
+                return Err(ProxyError::NoContract {
                     path: parts.uri.path().to_string(),
                     detail,
-                })?,
-        ),
+                })
+            }
+        },
     };
-
-    let mut token = l.tokens.token().await?;
     headers::prepare_request(
         &mut parts.headers,
         &l.access.cfg.key_header,
@@ -307,6 +315,14 @@ async fn forward(
     let mut body = Some(body);
 
     loop {
+        // Retries wait and request bodies take time to read: a token that became unusable since it
+        // was taken is replaced (waiting for the refresher, bounded) rather than injected expired.
+        if !token.is_usable(tokio::time::Instant::now()) {
+            token = l.tokens.token().await?;
+            parts
+                .headers
+                .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
+        }
         let replay = body.as_ref().and_then(|b| b.try_clone());
         let this_body = match replay {
             Some(b) => b,

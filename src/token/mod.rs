@@ -544,10 +544,12 @@ impl TokenManager {
                         self.cfg.retry_max_backoff,
                         rand::rng().random(),
                     );
+                    // A Retry-After is honoured, but only up to the configured maximum backoff:
+                    // a bogus one (a day, a date far ahead) must not stall refreshes.
                     let delay = match &err {
                         FetchError::RateLimited {
                             retry_after: Some(ra),
-                        } => delay.max(*ra).min(self.cfg.retry_max_backoff.max(*ra)),
+                        } => delay.max((*ra).min(self.cfg.retry_max_backoff)),
                         _ => delay,
                     };
                     let still_usable = self.current_usable().is_some();

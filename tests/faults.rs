@@ -1,0 +1,949 @@
+//! Fault handling, end to end: token endpoint outages and bad answers, revoked tokens, contract
+//! 401s, slow, dead and busy upstreams, retries, pooling, slowloris, overload, SIGTERM draining, and
+//! a soak across forced token rotations. Every test runs the real proxy (in process, or the binary
+//! for signals and logs) against the mock API on ephemeral loopback ports, drives the mock's fault
+//! switches, and asserts what a client would notice.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use aleph_proxy::mock::{Mock, MockOptions, TokenMode, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET};
+use support::{client, eventually, proxy_error, Harness};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Logs go to the test's captured output (shown for failing tests only), filtered by `RUST_LOG`.
+fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+const PRODUCTS: &str = "/tasking/products/";
+
+/// Fast failure settings: requests give up waiting for a token after 300 ms.
+const SHORT_WAIT: &str = r#"
+[auth]
+wait_timeout = "300ms"
+[timeouts]
+token_request = "300ms"
+"#;
+
+async fn get(c: &reqwest::Client, url: String) -> reqwest::Response {
+    c.get(url).send().await.expect("the proxy answers")
+}
+
+async fn readyz(h: &Harness) -> (u16, serde_json::Value) {
+    let r = get(&client(), h.admin_url("/readyz")).await;
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn api_requests(h: &Harness) -> u64 {
+    h.mock.state.api_requests.load(Ordering::SeqCst)
+}
+
+/// Token endpoint requests the proxy attempted (also those the endpoint never answered).
+fn fetch_attempts(h: &Harness) -> u64 {
+    h.tokens[0].fetch_count()
+}
+
+/// Recorded upstream requests to `path`.
+fn upstream_hits(h: &Harness, method: &str, path: &str) -> usize {
+    h.mock
+        .state
+        .recorded()
+        .iter()
+        .filter(|r| r.method.as_str() == method && r.uri.path() == path)
+        .count()
+}
+
+/// Asserts that every request the upstream ever received carried one of the proxy's tokens.
+fn assert_every_upstream_request_had_a_token(h: &Harness) {
+    for r in h.mock.state.recorded() {
+        let t = r
+            .headers
+            .get("authorizationtoken")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        assert!(
+            t.starts_with("Bearer mock-token-"),
+            "{} {} reached the upstream with {t:?}",
+            r.method,
+            r.uri
+        );
+    }
+}
+
+async fn wait_attempts(h: &Harness, n: u64) {
+    eventually(Duration::from_secs(10), || async { fetch_attempts(h) >= n }).await;
+}
+
+/// Asserts the proxy's own 503 for a missing token, after a bounded wait, with nothing forwarded.
+async fn assert_no_token_503(h: &Harness) {
+    let before = api_requests(h);
+    let started = Instant::now();
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    let waited = started.elapsed();
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (503, "no_token"));
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "the wait for a token is bounded by auth.wait_timeout: {waited:?}"
+    );
+    assert_eq!(api_requests(h), before, "forwarded without a token");
+    let (status, body) = readyz(h).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["ready"], false);
+}
+
+async fn assert_recovers(h: &Harness) {
+    h.ready().await;
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_every_upstream_request_had_a_token(h);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_outage_at_startup_then_automatic_recovery() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    mock.state.set_token_mode(TokenMode::Down);
+    let h = Harness::start_proxy(mock, SHORT_WAIT).await;
+    // The refresher keeps trying (with backoff) while the endpoint is down.
+    wait_attempts(&h, 3).await;
+    assert_no_token_503(&h).await;
+    let (_, body) = readyz(&h).await;
+    let err = body["tokens"][0]["last_error"].as_str().unwrap();
+    assert!(err.contains("unreachable"), "{err}");
+    assert_eq!(
+        api_requests(&h),
+        0,
+        "nothing reaches the API without a token"
+    );
+
+    h.mock.state.set_token_mode(TokenMode::Ok);
+    assert_recovers(&h).await;
+    assert_eq!(h.mock.state.token_successes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_errors_slowness_and_empty_answers_are_retried_until_it_recovers() {
+    init();
+    for (mode, expected) in [
+        (TokenMode::ServerError, "answered 500"),
+        (TokenMode::Hang, "timed out"),
+        (TokenMode::Empty, "unusable body"),
+    ] {
+        let mock = Mock::start(MockOptions::default()).await.unwrap();
+        mock.state.set_token_mode(mode.clone());
+        let h = Harness::start_proxy(mock, SHORT_WAIT).await;
+        wait_attempts(&h, 3).await;
+        assert_no_token_503(&h).await;
+        let (_, body) = readyz(&h).await;
+        let err = body["tokens"][0]["last_error"].as_str().unwrap_or("");
+        assert!(err.contains(expected), "{mode:?}: {err}");
+        h.mock.state.set_token_mode(TokenMode::Ok);
+        assert_recovers(&h).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_200_from_the_token_endpoint_is_a_failure_not_a_token() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    mock.state.set_token_mode(TokenMode::Malformed);
+    let h = Harness::start_proxy(mock, SHORT_WAIT).await;
+    wait_attempts(&h, 3).await;
+    assert_no_token_503(&h).await;
+    let (_, body) = readyz(&h).await;
+    let err = body["tokens"][0]["last_error"].as_str().unwrap();
+    assert!(err.contains("200 with an unusable body"), "{err}");
+    assert_eq!(api_requests(&h), 0);
+    h.mock.state.set_token_mode(TokenMode::Ok);
+    assert_recovers(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_429_is_retried_after_its_retry_after() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    mock.state.set_token_mode(TokenMode::RateLimited);
+    // Backoff alone would retry after 50 ms; the endpoint asks for 1 s (Retry-After: 1).
+    let h = Harness::start_proxy(
+        mock,
+        "[auth]\nretry_max_backoff = \"5s\"\nwait_timeout = \"300ms\"",
+    )
+    .await;
+    let fetches = || h.mock.state.token_fetches.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async { fetches() >= 1 }).await;
+    let first = Instant::now();
+    eventually(Duration::from_secs(5), || async { fetches() >= 2 }).await;
+    let gap = first.elapsed();
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}");
+    assert_no_token_503(&h).await;
+    let (_, body) = readyz(&h).await;
+    assert!(body["tokens"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("rate limiting"));
+    h.mock.state.set_token_mode(TokenMode::Ok);
+    assert_recovers(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_during_an_outage_gives_503_never_an_expired_token_then_recovers() {
+    init();
+    let h = Harness::start_with(
+        MockOptions {
+            token_lifetime: Duration::from_secs(2),
+            ..MockOptions::default()
+        },
+        SHORT_WAIT,
+    )
+    .await;
+    h.ready().await;
+    // The outage starts before the first refresh (due at about half the 2 s lifetime).
+    h.mock.state.set_token_mode(TokenMode::ServerError);
+    let c = client();
+    let mut served = 0;
+    // The current token keeps working until it is about to expire; never is an expired one sent
+    // (the mock would answer 401).
+    loop {
+        let r = get(&c, h.url(PRODUCTS)).await;
+        if r.status() == 503 {
+            let (_, code) = proxy_error(r).await;
+            assert_eq!(code, "no_token");
+            break;
+        }
+        assert_eq!(
+            r.status(),
+            200,
+            "request {served} while the token was valid"
+        );
+        served += 1;
+    }
+    assert!(served > 0);
+    assert!(
+        h.mock.state.token_fetches.load(Ordering::SeqCst) >= 2,
+        "refreshes were attempted"
+    );
+    assert_no_token_503(&h).await;
+    assert_no_token_503(&h).await;
+    h.mock.state.set_token_mode(TokenMode::Ok);
+    assert_recovers(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_mid_traffic_is_invisible_to_clients_and_costs_one_token() {
+    init();
+    let h = Harness::start("").await;
+    h.ready().await;
+    let c = client();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, url, done) = (c.clone(), h.url(PRODUCTS), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..40 {
+                statuses.push(c.get(&url).send().await.unwrap().status().as_u16());
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            statuses
+        }));
+    }
+    eventually(Duration::from_secs(10), || async {
+        done.load(Ordering::SeqCst) >= 200
+    })
+    .await;
+    h.mock.state.revoke_all_tokens();
+    for t in tasks {
+        for s in t.await.unwrap() {
+            assert_eq!(s, 200);
+        }
+    }
+    assert_eq!(h.token_fetches(), 2, "one new token after the revocation");
+    assert_eq!(h.mock.state.token_successes.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_naming_the_contract_is_passed_through_without_a_new_token() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-999\"").await;
+    h.ready().await;
+    let c = client();
+    for round in 1..=2 {
+        let r = get(&c, h.url(PRODUCTS)).await;
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().get("x-aleph-proxy-error").is_none());
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("Contract-Id"),
+            "{v}"
+        );
+        assert_eq!(
+            upstream_hits(&h, "GET", PRODUCTS),
+            round,
+            "no loop, no replay"
+        );
+    }
+    assert_eq!(h.token_fetches(), 1, "a new token cannot fix a contract");
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_replayed_after_a_401_large_streamed_ones_are_not() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    let c = client();
+
+    // Under the 1 MiB replay limit: kept, replayed with a new token, the client sees 200.
+    h.mock.state.revoke_all_tokens();
+    let small = payload(512 * 1024);
+    let r = c
+        .post(h.url("/echo/small"))
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().as_ref() == small.as_slice());
+    assert_eq!(upstream_hits(&h, "POST", "/echo/small"), 2);
+    assert_eq!(h.token_fetches(), 2);
+
+    // Over the limit: streamed, cannot be replayed, the 401 goes back to the client.
+    h.mock.state.revoke_all_tokens();
+    let large = payload(2 * 1024 * 1024 + 3);
+    let r = c
+        .post(h.url("/echo/large"))
+        .body(large.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("x-aleph-proxy-error").is_none());
+    assert_eq!(upstream_hits(&h, "POST", "/echo/large"), 1, "not replayed");
+    // The rejected token was dropped all the same: the next request gets a new one.
+    let r = c
+        .post(h.url("/echo/large"))
+        .body(large)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.token_fetches(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_gives_504() {
+    init();
+    let h = Harness::start(
+        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"300ms\"",
+    )
+    .await;
+    h.ready().await;
+    *h.mock.state.api_delay.lock().unwrap() = Duration::from_secs(3);
+    let started = Instant::now();
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(api_requests(&h), 1, "a timeout is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_is_cut_after_the_idle_timeout() {
+    init();
+    let h =
+        Harness::start("[contract]\ndefault = \"contract-123\"\n[timeouts]\nbody_idle = \"300ms\"")
+            .await;
+    h.ready().await;
+    // One 64 KiB chunk every 4 s: the headers come at once, then the body stalls.
+    h.mock.state.asset_rate.store(16 * 1024, Ordering::SeqCst);
+    let started = Instant::now();
+    let r = get(&client(), h.url("/assets/l1d/item/analytic")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.bytes().await.is_err(),
+        "a truncated body must not look complete"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_upstream_gives_502_quickly() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    // A port with nobody listening: connections are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut config = support::config_for(&mock, "[contract]\ndefault = \"contract-123\"");
+    config.upstream.url = format!("http://{dead}").parse().unwrap();
+    let h = Harness::start_config(mock, config).await;
+    h.ready().await;
+    let c = client();
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        let started = Instant::now();
+        let r = c
+            .request(method.clone(), h.url(PRODUCTS))
+            .send()
+            .await
+            .unwrap();
+        let (status, code) = proxy_error(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (502, "upstream_unreachable"),
+            "{method}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{method}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_goes_down_gives_502_and_comes_back() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    let c = client();
+    assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+    h.mock.state.api_down.store(true, Ordering::SeqCst);
+    let r = get(&c, h.url(PRODUCTS)).await;
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    h.mock.state.api_down.store(false, Ordering::SeqCst);
+    assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_after_retry_after_others_are_not() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    let c = client();
+    let s = &h.mock.state;
+
+    // GET: a 503 with Retry-After: 1 is retried after a second, and the client sees the 200.
+    *s.api_fail_retry_after.lock().unwrap() = "1".into();
+    *s.api_fail_next.lock().unwrap() = Some((503, 1));
+    let started = Instant::now();
+    let r = get(&c, h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream_hits(&h, "GET", PRODUCTS), 2);
+
+    // 429 and 502 are retried too (Retry-After: 0 here).
+    *s.api_fail_retry_after.lock().unwrap() = "0".into();
+    for status in [429, 502] {
+        *s.api_fail_next.lock().unwrap() = Some((status, 1));
+        assert_eq!(
+            get(&c, h.url("/v2/orders/")).await.status(),
+            200,
+            "{status}"
+        );
+    }
+
+    // POST is not idempotent: the 503 goes back to the client, the upstream saw it once.
+    *s.api_fail_next.lock().unwrap() = Some((503, 1));
+    let r = c
+        .post(h.url("/tasking/tasks/"))
+        .json(&serde_json::json!({"task_name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("x-aleph-proxy-error").is_none());
+    assert_eq!(upstream_hits(&h, "POST", "/tasking/tasks/"), 1);
+
+    // Bounded in count: default 2 retries, so 3 attempts, then the upstream's 503.
+    h.mock.state.clear_recorded();
+    *s.api_fail_next.lock().unwrap() = Some((503, 10));
+    let r = get(&c, h.url("/v2/captures/")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(upstream_hits(&h, "GET", "/v2/captures/"), 3);
+
+    // Bounded in time: a Retry-After beyond retry.max_elapsed (30 s) is not waited for.
+    h.mock.state.clear_recorded();
+    *s.api_fail_retry_after.lock().unwrap() = "120".into();
+    *s.api_fail_next.lock().unwrap() = Some((503, 1));
+    let started = Instant::now();
+    let r = get(&c, h.url("/v2/captures/")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "120");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(upstream_hits(&h, "GET", "/v2/captures/"), 1);
+    *s.api_fail_next.lock().unwrap() = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_reused() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+    }
+    let conns = h.mock.state.api_connections.load(Ordering::SeqCst);
+    assert_eq!(
+        conns, 1,
+        "100 sequential requests, {conns} upstream connections"
+    );
+
+    // 10 concurrent clients: at most one upstream connection each.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (c, url) = (c.clone(), h.url(PRODUCTS));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..30 {
+                assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let conns = h.mock.state.api_connections.load(Ordering::SeqCst);
+    assert!(conns <= 11, "400 requests, {conns} upstream connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_half_a_request_line_is_never_served_and_is_closed() {
+    init();
+    let h = Harness::start(
+        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nrequest_headers = \"500ms\"",
+    )
+    .await;
+    h.ready().await;
+    let before = api_requests(&h);
+    let mut partial = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    partial.write_all(b"GET /tasking/pro").await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    for (name, conn) in [
+        ("half a request line", &mut partial),
+        ("nothing", &mut silent),
+    ] {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        // read_to_end ends at the proxy's close (EOF) or its reset.
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the connection stayed open"));
+        let waited = started.elapsed();
+        assert!(
+            read.is_err() || buf.is_empty(),
+            "{name}: got a response {buf:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(3),
+            "{name}: closed after {waited:?}"
+        );
+    }
+    assert_eq!(api_requests(&h), before, "nothing was forwarded");
+    // The proxy still serves everyone else.
+    assert_eq!(get(&client(), h.url(PRODUCTS)).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gives_503_with_retry_after() {
+    init();
+    let h =
+        Harness::start("[contract]\ndefault = \"contract-123\"\n[limits]\nmax_in_flight = 2").await;
+    h.ready().await;
+    *h.mock.state.api_delay.lock().unwrap() = Duration::from_secs(1);
+    let c = client();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, url) = (c.clone(), h.url(PRODUCTS));
+            tokio::spawn(async move { c.get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), || async { api_requests(&h) >= 2 }).await;
+    let r = get(&c, h.url(PRODUCTS)).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (503, "overloaded"));
+    assert_eq!(
+        api_requests(&h),
+        2,
+        "the overflow request was not forwarded"
+    );
+    for t in slow {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    *h.mock.state.api_delay.lock().unwrap() = Duration::ZERO;
+    assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+}
+
+/// The real binary with a config file, its stderr collected line by line.
+struct Binary {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    // Bound and released at once: the binary takes it a moment later. Collisions are retried.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Binary {
+    async fn start(mock: &Mock, extra: &str) -> Binary {
+        for _ in 0..5 {
+            if let Some(b) = Self::try_start(mock, extra).await {
+                return b;
+            }
+        }
+        panic!("the binary did not start on free ports five times");
+    }
+
+    async fn try_start(mock: &Mock, extra: &str) -> Option<Binary> {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let path = dir.path().join("aleph-proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+listen = "{proxy}"
+upstream = "{api}"
+[auth]
+token_url = "{token}"
+client_id = "{id}"
+client_secret = "{secret}"
+retry_initial_backoff = "50ms"
+retry_max_backoff = "200ms"
+[admin]
+listen = "{admin}"
+[contract]
+default = "contract-123"
+{extra}
+"#,
+                api = mock.api_url,
+                token = mock.token_url,
+                id = MOCK_CLIENT_ID,
+                secret = MOCK_CLIENT_SECRET,
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(support::binary());
+        cmd.args(["--config", path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ALEPH_PROXY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut b = Binary {
+            child,
+            proxy,
+            admin,
+            log,
+            _dir: dir,
+        };
+        // Up when the admin port answers; a port taken in the meantime makes it exit: retry.
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = b.child.try_wait() {
+                return None;
+            }
+            if c.get(format!("http://{}/healthz", b.admin))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Some(b);
+            }
+            assert!(Instant::now() < deadline, "binary not up:\n{}", b.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Waits (without blocking the runtime) for the process to exit.
+    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not exit within {limit:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_download_lets_it_finish_then_exits_0() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut b = Binary::start(&mock, "[shutdown]\ndrain_timeout = \"20s\"").await;
+    let c = client();
+    eventually(Duration::from_secs(10), || async {
+        c.get(format!("http://{}/readyz", b.admin))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    // 4 MiB at 2 MiB/s: the download lasts about two seconds.
+    let size = MockOptions::default().asset_size;
+    mock.state
+        .asset_rate
+        .store(2 * 1024 * 1024, Ordering::SeqCst);
+    let mut resp = c
+        .get(format!("http://{}/assets/l1d/item-1/analytic", b.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    let first = resp.chunk().await.unwrap().expect("a first chunk");
+    body.extend_from_slice(&first);
+
+    b.signal("TERM");
+    // Draining: new connections are refused and readiness is false.
+    eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(b.proxy).await.is_err()
+    })
+    .await;
+    let r = client()
+        .get(format!("http://{}/readyz", b.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["draining"],
+        true
+    );
+    assert_eq!(
+        b.child.try_wait().unwrap(),
+        None,
+        "exited with a download in flight"
+    );
+
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(body.len(), size);
+    let expected: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect();
+    assert!(body == expected, "the download arrived altered");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    let log = b.log();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_rejection_is_logged_clearly_once_per_series() {
+    init();
+    let mock = Mock::start(MockOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let fetches = || mock.state.token_fetches.load(Ordering::SeqCst);
+    mock.state.set_token_mode(TokenMode::Reject);
+    let mut b = Binary::start(&mock, "").await;
+    eventually(Duration::from_secs(10), || async { fetches() >= 5 }).await;
+    let log = b.log();
+    let problems = |log: &str| log.matches("CREDENTIAL PROBLEM").count();
+    assert_eq!(problems(&log), 1, "one clear error per series:\n{log}");
+    assert!(
+        log.contains("check auth.client_id and auth.client_secret"),
+        "{log}"
+    );
+    assert!(
+        log.matches("token fetch failed again").count() >= 3,
+        "{log}"
+    );
+    let r = client()
+        .get(format!("http://{}/readyz", b.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+
+    // Recovery, then a second series when the next refresh is rejected again.
+    mock.state.set_token_mode(TokenMode::Ok);
+    eventually(Duration::from_secs(10), || async {
+        b.log().contains("token endpoint recovered")
+    })
+    .await;
+    mock.state.set_token_mode(TokenMode::Reject);
+    let seen = fetches();
+    eventually(Duration::from_secs(10), || async { fetches() >= seen + 4 }).await;
+    b.signal("TERM");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+    let log = b.log();
+    assert_eq!(problems(&log), 2, "{log}");
+    assert!(!log.contains(MOCK_CLIENT_SECRET), "the secret was logged");
+    assert!(!log.contains("mock-token-"), "a token was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_20000_requests_100_clients_two_rotations_no_failures() {
+    init();
+    const TOTAL: usize = 20_000;
+    const CLIENTS: usize = 100;
+    const ROTATIONS: u64 = 2;
+    // An authenticated API path with a small non-JSON answer: every request is checked for its
+    // token and contract by the mock, while the proxy's JSON rewriting stays out of the measure.
+    const SOAK_PATH: &str = "/echo/soak";
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    let c = client();
+    let issued = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        // Parsed once: URL parsing (IDNA) is a visible share of a request's cost in debug builds.
+        let (c, url) = (c.clone(), reqwest::Url::parse(&h.url(SOAK_PATH)).unwrap());
+        let (issued, completed, failures) = (issued.clone(), completed.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            while issued.fetch_add(1, Ordering::SeqCst) < TOTAL {
+                let outcome = match c.get(url.clone()).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Ok(r) => Err(format!("status {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = outcome {
+                    failures.lock().unwrap().push(e);
+                }
+                completed.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    // Two forced rotations, at a third and two thirds of the run. After each, the server side
+    // revokes every older token, so requests still carrying one get a 401 and are replayed.
+    let rotations = Arc::new(AtomicU64::new(0));
+    for k in 1..=ROTATIONS {
+        let at = TOTAL * k as usize / (ROTATIONS as usize + 1);
+        eventually(Duration::from_secs(60), || async {
+            completed.load(Ordering::SeqCst) >= at
+        })
+        .await;
+        let generation = h.tokens[0].generation();
+        h.tokens[0].rotate_now();
+        assert!(
+            h.tokens[0]
+                .wait_for_generation(generation, Duration::from_secs(10))
+                .await,
+            "rotation {k} produced no new token"
+        );
+        h.mock.state.revoke_all_but_latest();
+        rotations.fetch_add(1, Ordering::SeqCst);
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let failures = failures.lock().unwrap().clone();
+    let fetches = h.token_fetches();
+    let done = completed.load(Ordering::SeqCst);
+    println!(
+        "soak: {done} requests, {CLIENTS} concurrent clients, {} rotations, {fetches} token fetches, {} failures, {:.2} s, {:.0} req/s",
+        rotations.load(Ordering::SeqCst),
+        failures.len(),
+        elapsed.as_secs_f64(),
+        done as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(done, TOTAL);
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        fetches <= ROTATIONS + 1,
+        "{fetches} token fetches for {ROTATIONS} rotations"
+    );
+}
