@@ -274,6 +274,15 @@ async fn check(g: &Global) -> ExitCode {
                     cred.client_id,
                     (t.expires_at - t.issued_at).as_secs()
                 );
+                if let Some(path) = &cred.token_cache {
+                    match crate::token::cache::check(path, cred) {
+                        Ok(state) => println!("  token cache {}: {state}", path.display()),
+                        Err(e) => {
+                            println!("  token cache {}: NOT usable: {e}", path.display());
+                            ok = false;
+                        }
+                    }
+                }
                 let list = match list_with(&rt, i, t).await {
                     Ok(l) => l,
                     Err(e) => {

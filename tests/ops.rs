@@ -715,6 +715,60 @@ id = "contract-999"
 }
 
 #[tokio::test]
+async fn check_reports_the_token_cache() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("token.json");
+    let check = |cache: &Path| {
+        let cfg = write(
+            dir.path(),
+            "c.toml",
+            &toml_for(
+                &mock,
+                free_addr(),
+                free_addr(),
+                &format!("token_cache = \"{}\"\n", cache.display()),
+            ),
+        );
+        let mut c = aleph();
+        c.arg("check").arg("--config").arg(cfg);
+        c
+    };
+    let o = output(check(&cache)).await;
+    assert_eq!(o.code, Some(0), "{}", o.stdout);
+    assert!(o
+        .stdout
+        .contains("empty; written after the first token fetch"));
+    // `check` fetches but does not write the cache, and leaves no probe file behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    std::fs::write(
+        &cache,
+        cache_json(
+            &mock.token_url,
+            MOCK_CLIENT_ID,
+            "cached-token",
+            now_unix() + 3600,
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let o = output(check(&cache)).await;
+    assert_eq!(o.code, Some(0), "{}", o.stdout);
+    assert!(o.stdout.contains("holds a token for"), "{}", o.stdout);
+    assert!(!o.stdout.contains("cached-token") && !o.stderr.contains("cached-token"));
+
+    // A directory that does not exist: the proxy could never keep its token.
+    let o = output(check(&dir.path().join("missing/token.json"))).await;
+    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert!(o.stdout.contains("NOT usable: directory"), "{}", o.stdout);
+}
+
+#[tokio::test]
 async fn token_prints_exactly_the_issued_token() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

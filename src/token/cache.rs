@@ -69,6 +69,35 @@ pub fn load(path: &Path, cfg: &AuthConfig) -> Option<(String, Duration)> {
     Some((file.access_token, remaining))
 }
 
+/// For `aleph-proxy check`: can the proxy write the cache, and what does it hold now? A read-only
+/// or missing directory would otherwise show only as a warning at every token refresh.
+pub fn check(path: &Path, cfg: &AuthConfig) -> Result<String, String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("directory {} does not exist", dir.display()));
+    }
+    // The same create-and-rename `store` does, on a name of its own, then removed.
+    let probe = path.with_extension(format!("check{}", std::process::id()));
+    let written = write_private(&probe, b"");
+    let _ = std::fs::remove_file(&probe);
+    if let Err(e) = written {
+        return Err(format!("cannot write in {}: {}", dir.display(), e.kind()));
+    }
+    Ok(match load(path, cfg) {
+        Some((_, remaining)) => format!(
+            "holds a token for {} more s (a restart now fetches none)",
+            remaining.as_secs()
+        ),
+        None if path.exists() => {
+            "holds nothing usable (see the warning above); the next fetch replaces it".into()
+        }
+        None => "empty; written after the first token fetch".into(),
+    })
+}
+
 /// Writes the token to the cache (mode 0600). Failures are logged, never fatal.
 pub fn store(path: &Path, cfg: &AuthConfig, token: &Token) {
     let expires_at_unix = token
