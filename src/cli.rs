@@ -268,13 +268,26 @@ async fn check(g: &Global) -> ExitCode {
         let cred = &config.credentials[i];
         match tokens.fetch().await {
             Ok(t) => {
-                println!(
-                    "credential {} ({}): token ok, expires in {} s",
-                    i,
-                    cred.client_id,
-                    (t.expires_at - t.issued_at).as_secs()
-                );
-                if let Some(path) = &cred.token_cache {
+                if cred.mode == config::AuthMode::Legacy {
+                    // No token endpoint: the key itself is the credential, checked by /contracts.
+                    println!(
+                        "credential {} ({}): legacy key (auth.mode = \"legacy\")",
+                        i, cred.client_id
+                    );
+                } else {
+                    println!(
+                        "credential {} ({}): token ok, expires in {} s",
+                        i,
+                        cred.client_id,
+                        (t.expires_at - t.issued_at).as_secs()
+                    );
+                }
+                // Legacy keys are never cached, whatever auth.token_cache says.
+                if let Some(path) = cred
+                    .token_cache
+                    .as_ref()
+                    .filter(|_| cred.mode == config::AuthMode::OAuth)
+                {
                     match crate::token::cache::check(path, cred) {
                         Ok(state) => println!("  token cache {}: {state}", path.display()),
                         Err(e) => {

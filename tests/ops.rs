@@ -715,6 +715,36 @@ id = "contract-999"
 }
 
 #[tokio::test]
+async fn check_with_a_legacy_key_uses_no_token_endpoint() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "legacy.toml",
+        &toml_for(&mock, free_addr(), free_addr(), "mode = \"legacy\"\n"),
+    );
+    let mut c = aleph();
+    c.arg("check").arg("--config").arg(&cfg);
+    let o = output(c).await;
+    assert_eq!(o.code, Some(0), "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("legacy key"), "{}", o.stdout);
+    assert!(o.stdout.contains(&format!("contracts: {MOCK_CONTRACT}")));
+    assert_eq!(fetches(&mock), 0);
+    assert!(!o.stdout.contains(MOCK_CLIENT_SECRET) && !o.stderr.contains(MOCK_CLIENT_SECRET));
+
+    // A wrong secret (the environment beats the file) shows at /contracts.
+    let mut c = aleph();
+    c.arg("check")
+        .arg("--config")
+        .arg(&cfg)
+        .env("ALEPH_PROXY_AUTH__CLIENT_SECRET", "wrong-secret");
+    let o = output(c).await;
+    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert!(o.stdout.contains("answered 401"), "{}", o.stdout);
+    assert!(!o.stdout.contains("wrong-secret") && !o.stderr.contains("wrong-secret"));
+}
+
+#[tokio::test]
 async fn check_reports_the_token_cache() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
