@@ -32,7 +32,7 @@ pub enum PassBody {
     /// Held in memory (a small request body kept for replay, a 401 body the proxy inspected).
     Buffered(Bytes),
     /// Streamed as it arrives; cannot be replayed.
-    Streaming(hyper::body::Incoming),
+    Streaming(Streaming),
 }
 
 impl PassBody {
@@ -61,22 +61,144 @@ impl Body for PassBody {
                     Poll::Ready(Some(Ok(Frame::data(std::mem::take(b)))))
                 }
             }
-            PassBody::Streaming(inc) => Pin::new(inc).poll_frame(cx).map_err(Into::into),
+            PassBody::Streaming(s) => Pin::new(s).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             PassBody::Buffered(b) => b.is_empty(),
-            PassBody::Streaming(inc) => inc.is_end_stream(),
+            PassBody::Streaming(s) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             PassBody::Buffered(b) => SizeHint::with_exact(b.len() as u64),
-            PassBody::Streaming(inc) => inc.size_hint(),
+            PassBody::Streaming(s) => s.size_hint(),
         }
+    }
+}
+
+/// A hyper body streamed as it arrives: first the part already read (a request body read up to the
+/// replay limit before it proved too large to keep), then the rest; optionally failing when the
+/// sender stalls (a client trickling an upload must not hold an upstream connection forever).
+pub struct Streaming {
+    head: Option<Bytes>,
+    inner: hyper::body::Incoming,
+    idle: Option<IdleTimer>,
+}
+
+impl Streaming {
+    pub fn new(inner: hyper::body::Incoming) -> Streaming {
+        Streaming {
+            head: None,
+            inner,
+            idle: None,
+        }
+    }
+
+    /// `head` was read from `inner` already and is sent first.
+    pub fn with_head(head: Bytes, inner: hyper::body::Incoming) -> Streaming {
+        Streaming {
+            head: (!head.is_empty()).then_some(head),
+            inner,
+            idle: None,
+        }
+    }
+
+    /// Fails the body when the sender has sent nothing for `idle` while it is being read.
+    pub fn idle_timeout(mut self, idle: Duration) -> Streaming {
+        self.idle = Some(IdleTimer::new(idle));
+        self
+    }
+}
+
+impl From<hyper::body::Incoming> for Streaming {
+    fn from(inner: hyper::body::Incoming) -> Streaming {
+        Streaming::new(inner)
+    }
+}
+
+impl Body for Streaming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = &mut this.idle {
+                    t.progress();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match &mut this.idle {
+                Some(t) => {
+                    if t.expired(cx) {
+                        Poll::Ready(Some(Err(Box::new(IdleTimeout(t.idle)))))
+                    } else {
+                        Poll::Pending
+                    }
+                }
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + head);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + head);
+        }
+        hint
+    }
+}
+
+/// Measures how long the sender of a body has kept the reader waiting. Armed when a poll finds no
+/// data, cleared by the next chunk: time the reader itself spends elsewhere (a slow client reading
+/// a download, an upstream applying backpressure to an upload) never counts as the sender's idling.
+struct IdleTimer {
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
+        }
+    }
+
+    fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// Called when the sender has nothing: true once it has had nothing for `idle`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            self.armed = true;
+            self.timer.as_mut().reset(Instant::now() + self.idle);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -89,8 +211,7 @@ pub struct IdleTimeout(pub Duration);
 /// (the in-flight slot, the request's metrics) until the body is finished or dropped.
 pub struct Streamed<B, G> {
     inner: B,
-    idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: IdleTimer,
     _guard: G,
 }
 
@@ -98,8 +219,7 @@ impl<B, G> Streamed<B, G> {
     pub fn new(inner: B, idle: Duration, guard: G) -> Self {
         Streamed {
             inner,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: IdleTimer::new(idle),
             _guard: guard,
         }
     }
@@ -121,16 +241,18 @@ where
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.timer.progress();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if this.timer.expired(cx) {
+                    Poll::Ready(Some(Err(Box::new(IdleTimeout(this.timer.idle)))))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
     }
 

@@ -351,6 +351,109 @@ async fn small_bodies_are_replayed_after_a_401_large_streamed_ones_are_not() {
     assert_eq!(h.token_fetches(), 3);
 }
 
+/// Sends a request with a chunked body over a raw connection (reqwest sends Content-Length for
+/// in-memory bodies) and returns the status code and the response body (read until the close).
+async fn raw_chunked_post(proxy: SocketAddr, path: &str, payload: &[u8]) -> (u16, Vec<u8>) {
+    let mut conn = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {proxy}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    for chunk in payload.chunks(64 * 1024) {
+        conn.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        conn.write_all(chunk).await.unwrap();
+        conn.write_all(b"\r\n").await.unwrap();
+    }
+    conn.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut resp))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    assert!(
+        head.to_ascii_lowercase().contains("content-length"),
+        "expected a sized echo: {head}"
+    );
+    let status = head[9..12].parse().unwrap();
+    (status, resp[split + 4..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_are_kept_for_replay_when_small_and_forwarded_whole_when_large() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+
+    // Small and chunked (no Content-Length): kept, so a revoked token costs the client nothing.
+    h.mock.state.revoke_all_tokens();
+    let small = payload(300 * 1024);
+    let (status, body) = raw_chunked_post(h.proxy, "/echo/chunked-small", &small).await;
+    assert_eq!(status, 200);
+    assert!(body == small, "the replayed body differs");
+    assert_eq!(upstream_hits(&h, "POST", "/echo/chunked-small"), 2);
+    assert_eq!(h.token_fetches(), 2);
+
+    // Large and chunked: what was read while deciding is sent first, then the rest, byte for byte.
+    let large = payload(3 * 1024 * 1024 + 11);
+    let (status, body) = raw_chunked_post(h.proxy, "/echo/chunked-large", &large).await;
+    assert_eq!(status, 200);
+    assert!(body == large, "the streamed body differs");
+    let rec = h.mock.state.last_request().unwrap();
+    assert!(rec.body.as_ref() == large.as_slice());
+
+    // Large, chunked and rejected: not replayable, so the client gets the upstream's 401.
+    h.mock.state.revoke_all_tokens();
+    let (status, _) = raw_chunked_post(h.proxy, "/echo/chunked-rejected", &large).await;
+    assert_eq!(status, 401);
+    assert_eq!(upstream_hits(&h, "POST", "/echo/chunked-rejected"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_abandoned_after_the_idle_timeout() {
+    init();
+    let h =
+        Harness::start("[contract]\ndefault = \"contract-123\"\n[timeouts]\nbody_idle = \"300ms\"")
+            .await;
+    h.ready().await;
+    let before = api_requests(&h);
+    // Beyond the replay limit (streamed upstream) and below it (read first): both stall.
+    for declared in [2 * 1024 * 1024, 100 * 1024] {
+        let mut conn = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+        let head = format!(
+            "POST /echo/stalled HTTP/1.1\r\nHost: {}\r\nContent-Length: {declared}\r\n\r\n",
+            h.proxy
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&payload(10_000)).await.unwrap();
+        let started = Instant::now();
+        let mut resp = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut resp))
+            .await
+            .expect("the proxy gives up on the upload");
+        let text = String::from_utf8_lossy(&resp).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 400"), "{declared}: {text}");
+        assert!(text.contains("x-aleph-proxy-error: bad_request"), "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        api_requests(&h),
+        before,
+        "the upstream never got a complete request"
+    );
+    assert_eq!(get(&client(), h.url(PRODUCTS)).await.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gives_504() {
     init();
@@ -813,6 +916,45 @@ async fn sigterm_during_a_download_lets_it_finish_then_exits_0() {
     let log = b.log();
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("shutting down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_an_idle_proxy_with_exit_0() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut b = Binary::start(&mock, "").await;
+    b.signal("INT");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    assert!(b.log().contains("SIGINT received"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_timeout_bounds_shutdown_and_still_exits_0() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut b = Binary::start(&mock, "[shutdown]\ndrain_timeout = \"500ms\"").await;
+    // 4 MiB at 256 KiB/s: 16 s, far longer than the drain timeout.
+    mock.state.asset_rate.store(256 * 1024, Ordering::SeqCst);
+    let mut resp = client()
+        .get(format!("http://{}/assets/l1d/item-2/analytic", b.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = resp.chunk().await.unwrap().map_or(0, |c| c.len());
+    let started = Instant::now();
+    b.signal("TERM");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    assert!(b.log().contains("drain timeout reached"), "{}", b.log());
+    // The cut-off download ends short (with an error), never as a complete body.
+    while let Ok(Some(c)) = resp.chunk().await {
+        received += c.len();
+    }
+    assert!(received < MockOptions::default().asset_size);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

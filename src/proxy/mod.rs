@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::body::{PassBody, ProxyBody, Streamed};
+use crate::body::{IdleTimeout, PassBody, ProxyBody, Streaming};
 use crate::config::{Config, RetryConfig, Timeouts};
 use crate::error::ProxyError;
 use crate::token::{schedule, Token, TokenManager};
@@ -349,6 +349,17 @@ async fn forward(
                 return Err(ProxyError::UpstreamTimeout);
             }
             Ok(Err(e)) => {
+                if request_body_stalled(&e) {
+                    tracing::info!(
+                        "the client stopped sending its request body; request abandoned"
+                    );
+                    return Err(ProxyError::BadRequest {
+                        detail: format!(
+                            "the request body stalled: nothing received for {} s (timeouts.body_idle)",
+                            shared.timeouts.body_idle.as_secs_f64()
+                        ),
+                    });
+                }
                 if client_body_failed(&e) {
                     tracing::info!("the client's request body failed (malformed or cut short)");
                     return Err(ProxyError::BadRequest {
@@ -442,7 +453,7 @@ async fn forward(
                 continue;
             }
         }
-        return Ok((resp.map(PassBody::Streaming), method));
+        return Ok((resp.map(|b| PassBody::Streaming(b.into())), method));
     }
 }
 
@@ -487,9 +498,11 @@ async fn read_small(body: Incoming, limit: usize, idle: Duration) -> Option<Byte
     Some(collected.to_bytes())
 }
 
-/// Keeps the request body when it is small enough to replay, streams it otherwise.
+/// Keeps the request body when it is small enough to replay (`retry.replay_body_limit`), streams it
+/// otherwise. A body without a Content-Length (chunked) is read up to the limit: one that ends
+/// within it is kept like any other small body; past it, what was read is sent first, then the rest.
 async fn read_body(
-    body: Incoming,
+    mut body: Incoming,
     headers: &http::HeaderMap,
     shared: &Shared,
 ) -> Result<PassBody, ProxyError> {
@@ -497,24 +510,50 @@ async fn read_body(
     if body.is_end_stream() {
         return Ok(PassBody::Buffered(Bytes::new()));
     }
+    let limit = shared.retry.replay_body_limit;
+    let idle = shared.timeouts.body_idle;
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
-    match declared {
-        Some(n) if n <= shared.retry.replay_body_limit => {
-            let stream = Streamed::new(body, shared.timeouts.body_idle, ());
-            let bytes = stream
-                .collect()
-                .await
-                .map_err(|_| ProxyError::BadRequest {
-                    detail: "the request body was not received completely".into(),
-                })?
-                .to_bytes();
-            Ok(PassBody::Buffered(bytes))
-        }
-        _ => Ok(PassBody::Streaming(body)),
+    if declared.is_some_and(|n| n > limit) {
+        return Ok(PassBody::Streaming(Streaming::new(body).idle_timeout(idle)));
     }
+    let incomplete = || ProxyError::BadRequest {
+        detail: "the request body was not received completely".into(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| incomplete())?;
+        match frame {
+            None => return Ok(PassBody::Buffered(buf.freeze())),
+            Some(Err(_)) => return Err(incomplete()),
+            Some(Ok(frame)) => {
+                // Request trailers are not forwarded (the API uses none).
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() as u64 > limit {
+                        let s = Streaming::with_head(buf.freeze(), body).idle_timeout(idle);
+                        return Ok(PassBody::Streaming(s));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Did the upstream request fail because the client's upload stalled past `timeouts.body_idle`?
+fn request_body_stalled(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner.is::<IdleTimeout>() {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
 }
 
 /// Did the send fail because the client's own streamed body failed (a bad chunk size, a client
