@@ -256,7 +256,7 @@ async fn check(g: &Global) -> ExitCode {
     };
     crate::telemetry::init_logging(config.log_format);
     println!("configuration: ok");
-    let rt = match crate::Runtime::new(&config) {
+    let rt = match crate::Runtime::new(&without_token_cache(&config)) {
         Ok(rt) => rt,
         Err(e) => {
             println!("runtime: {e}");
@@ -380,6 +380,17 @@ async fn list_with(
     rt.list_contracts(credential).await
 }
 
+/// The tools (`check`, `token`, `contracts`) always fetch a fresh token, so their token managers
+/// must not read the cache: that would only log "using the cached access token" (or the cache's
+/// warnings, which `check` reports itself) for a token they do not use.
+fn without_token_cache(config: &Config) -> Config {
+    let mut c = config.clone();
+    for cred in &mut c.credentials {
+        cred.token_cache = None;
+    }
+    c
+}
+
 async fn fetch_token_once(
     g: &Global,
 ) -> Result<(Config, crate::Runtime, crate::token::Token), ExitCode> {
@@ -387,7 +398,7 @@ async fn fetch_token_once(
         return Err(ExitCode::from(2));
     };
     crate::telemetry::init_logging(config.log_format);
-    let rt = crate::Runtime::new(&config).map_err(|e| {
+    let rt = crate::Runtime::new(&without_token_cache(&config)).map_err(|e| {
         eprintln!("aleph-proxy: {e}");
         ExitCode::from(1)
     })?;

@@ -791,6 +791,24 @@ async fn check_reports_the_token_cache() {
     assert_eq!(o.code, Some(0), "{}", o.stdout);
     assert!(o.stdout.contains("holds a token for"), "{}", o.stdout);
     assert!(!o.stdout.contains("cached-token") && !o.stderr.contains("cached-token"));
+    // `check` fetched its own token; it does not pretend to use the cached one.
+    assert!(
+        !o.stderr.contains("using the cached access token"),
+        "{}",
+        o.stderr
+    );
+
+    // A corrupt cache: reported once, not a failure (the proxy would replace it).
+    std::fs::write(&cache, "garbage").unwrap();
+    let o = output(check(&cache)).await;
+    assert_eq!(o.code, Some(0), "{}", o.stdout);
+    assert!(o.stdout.contains("holds nothing usable"), "{}", o.stdout);
+    assert_eq!(
+        o.stderr.matches("token cache is corrupt").count(),
+        1,
+        "{}",
+        o.stderr
+    );
 
     // A directory that does not exist: the proxy could never keep its token.
     let o = output(check(&dir.path().join("missing/token.json"))).await;
