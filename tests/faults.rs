@@ -967,10 +967,16 @@ async fn credential_rejection_is_logged_clearly_once_per_series() {
     .await
     .unwrap();
     let fetches = || mock.state.token_fetches.load(Ordering::SeqCst);
-    mock.state.set_token_mode(TokenMode::Reject);
+    // The series starts as an outage (500s) and turns into a rejection: it is still called a
+    // credential problem, once.
+    mock.state.set_token_mode(TokenMode::ServerError);
     let mut b = Binary::start(&mock, "").await;
-    eventually(Duration::from_secs(10), || async { fetches() >= 5 }).await;
+    eventually(Duration::from_secs(10), || async { fetches() >= 2 }).await;
+    mock.state.set_token_mode(TokenMode::Reject);
+    let seen = fetches();
+    eventually(Duration::from_secs(10), || async { fetches() >= seen + 5 }).await;
     let log = b.log();
+    assert_eq!(log.matches("cannot fetch an access token").count(), 1, "{log}");
     let problems = |log: &str| log.matches("CREDENTIAL PROBLEM").count();
     assert_eq!(problems(&log), 1, "one clear error per series:\n{log}");
     assert!(

@@ -490,6 +490,9 @@ impl TokenManager {
         }
         tokio::pin!(shutdown);
         let mut failures: u32 = 0;
+        // Whether this series of failures has already said CREDENTIAL PROBLEM: a series that
+        // starts with an outage and turns into a rejection must still say so, once.
+        let mut credentials_reported = false;
         let mut last_fetch: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -530,6 +533,7 @@ impl TokenManager {
                         );
                     }
                     failures = 0;
+                    credentials_reported = false;
                     *self.last_error.lock().expect("not poisoned") = None;
                     if let Some(path) = &self.cfg.token_cache {
                         cache::store(path, &self.cfg, &token);
@@ -554,21 +558,23 @@ impl TokenManager {
                     };
                     let still_usable = self.current_usable().is_some();
                     // Once per series at error level; the rest at warn with the attempt count.
-                    if failures == 0 {
-                        match &err {
-                            FetchError::Credentials(_) => tracing::error!(
-                                error = %err,
-                                retry_in_ms = delay.as_millis() as u64,
-                                current_token_usable = still_usable,
-                                "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests will fail once the current token expires"
-                            ),
-                            _ => tracing::error!(
-                                error = %err,
-                                retry_in_ms = delay.as_millis() as u64,
-                                current_token_usable = still_usable,
-                                "cannot fetch an access token; retrying with backoff"
-                            ),
-                        }
+                    let rejected = matches!(err, FetchError::Credentials(_));
+                    if rejected && !credentials_reported {
+                        credentials_reported = true;
+                        tracing::error!(
+                            error = %err,
+                            attempt = failures + 1,
+                            retry_in_ms = delay.as_millis() as u64,
+                            current_token_usable = still_usable,
+                            "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests will fail once the current token expires"
+                        );
+                    } else if failures == 0 {
+                        tracing::error!(
+                            error = %err,
+                            retry_in_ms = delay.as_millis() as u64,
+                            current_token_usable = still_usable,
+                            "cannot fetch an access token; retrying with backoff"
+                        );
                     } else {
                         tracing::warn!(
                             error = %err,
