@@ -976,7 +976,11 @@ async fn credential_rejection_is_logged_clearly_once_per_series() {
     let seen = fetches();
     eventually(Duration::from_secs(10), || async { fetches() >= seen + 5 }).await;
     let log = b.log();
-    assert_eq!(log.matches("cannot fetch an access token").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("cannot fetch an access token").count(),
+        1,
+        "{log}"
+    );
     let problems = |log: &str| log.matches("CREDENTIAL PROBLEM").count();
     assert_eq!(problems(&log), 1, "one clear error per series:\n{log}");
     assert!(
