@@ -26,6 +26,7 @@ fn init() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()
+            .with_ansi(false)
             .try_init();
     });
 }
@@ -534,6 +535,50 @@ async fn dead_upstream_gives_502_quickly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_does_not_accept_connections_gives_504_after_the_connect_timeout() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    // A listener that never accepts, its backlog filled: the kernel drops further SYNs, so a
+    // connect hangs as it does to a host behind a silent firewall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let black_hole = socket.listen(1).unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the backlog never filled");
+    }
+    let mut config = support::config_for(
+        &mock,
+        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nconnect = \"300ms\"",
+    );
+    config.upstream.url = format!("http://{addr}").parse().unwrap();
+    let h = Harness::start_config(mock, config).await;
+    h.ready().await;
+    let started = Instant::now();
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    // Three attempts (two retries of a GET) of 300 ms each, plus short backoffs.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(fillers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_goes_down_gives_502_and_comes_back() {
     init();
     let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
@@ -610,6 +655,14 @@ async fn idempotent_requests_are_retried_after_retry_after_others_are_not() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(upstream_hits(&h, "GET", "/v2/captures/"), 1);
     *s.api_fail_next.lock().unwrap() = None;
+
+    // Configurable: retry.max_retries = 0 turns retries off.
+    let h =
+        Harness::start("[contract]\ndefault = \"contract-123\"\n[retry]\nmax_retries = 0").await;
+    h.ready().await;
+    *h.mock.state.api_fail_next.lock().unwrap() = Some((503, 1));
+    assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 503);
+    assert_eq!(upstream_hits(&h, "GET", PRODUCTS), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,7 +385,7 @@ async fn forward(
                     }
                 }
                 tracing::warn!(error = %kind, "upstream request failed");
-                return Err(if kind.contains("timed out") {
+                return Err(if timed_out(&e) || kind.contains("timed out") {
                     ProxyError::UpstreamTimeout
                 } else {
                     ProxyError::UpstreamUnreachable
@@ -542,6 +542,23 @@ async fn read_body(
             }
         }
     }
+}
+
+/// Did the upstream request fail by timing out (`timeouts.connect`, or the OS giving up on the
+/// connection)? That is a 504 like nginx's, not the 502 of a refused connection. hyper-util reports
+/// its connect timeout as an io::Error of kind TimedOut whose text does not say so.
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
 }
 
 /// Did the upstream request fail because the client's upload stalled past `timeouts.body_idle`?
