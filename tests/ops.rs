@@ -1016,6 +1016,14 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The demo's suggested `curl .../metrics | grep aleph_proxy_requests_total` finds the series.
+    let m = scrape(&format!("http://{admin}/metrics")).await;
+    assert!(
+        m.sum(
+            "aleph_proxy_requests_total",
+            &[("method", "GET"), ("status", "2xx")]
+        ) >= 2.0
+    );
     child.kill().await.unwrap();
 }
 
