@@ -192,6 +192,9 @@ pub struct AccessConfig {
     pub key: Option<Secret>,
     pub allowed_cidrs: Vec<IpNet>,
     pub allowed_hosts: Vec<String>,
+    /// Web origins whose pages may use the proxy: `cors.allowed_origins` (lowercase, no
+    /// trailing slash). A request with any other `Origin` is refused (cross-site requests).
+    pub allowed_origins: Vec<String>,
 }
 
 impl AccessConfig {
@@ -619,7 +622,7 @@ impl Parser<'_> {
                 "`auth.client_id` is required (set it in the config file or as {ENV_PREFIX}AUTH__CLIENT_ID)"
             ));
         }
-        if client_secret.as_ref().is_none_or(|s| s.is_empty()) {
+        if client_secret.as_ref().map_or(true, |s| s.is_empty()) {
             self.problem(format!(
                 "`auth.client_secret` or `auth.client_secret_file` is required (or {ENV_PREFIX}AUTH__CLIENT_SECRET)"
             ));
@@ -683,8 +686,12 @@ impl Parser<'_> {
         };
         let drain_timeout = self.duration("shutdown.drain_timeout", Duration::from_secs(25));
 
-        let access = self.access();
+        let mut access = self.access();
         let cors_allowed_origins = self.string_list("cors.allowed_origins");
+        access.allowed_origins = cors_allowed_origins
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect();
         for o in &cors_allowed_origins {
             if o != "*" && http::HeaderValue::from_str(o).is_err() {
                 self.problem(format!(
@@ -888,6 +895,7 @@ impl Parser<'_> {
             key,
             allowed_cidrs,
             allowed_hosts,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -958,7 +966,7 @@ pub fn parse_http_url(text: &str) -> Result<Url, String> {
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(format!("\"{text}\" must be an http:// or https:// URL"));
     }
-    if url.host_str().is_none_or(|h| h.is_empty()) {
+    if url.host_str().map_or(true, |h| h.is_empty()) {
         return Err(format!("\"{text}\" has no host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
@@ -1012,6 +1020,8 @@ fn without_source_lines(msg: &str) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail fixes the closure's error type (figment::Error, which is large).
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -1127,6 +1137,12 @@ mod tests {
                 "bad.toml",
                 "[auth]\nclient_id = \"x\"\nclient_secret = unquoted-s3cret-value\n",
             )?;
+            // The parser's own message quotes the failing line: that is what is cut.
+            let raw = Figment::from(Toml::file("bad.toml"))
+                .extract::<Dict>()
+                .unwrap_err()
+                .to_string();
+            assert!(raw.contains("unquoted-s3cret-value"), "{raw}");
             let err = load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
             let text = err.to_string();
             assert!(!text.contains("unquoted-s3cret-value"), "{text}");
@@ -1143,6 +1159,23 @@ mod tests {
             jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE", "secret.txt");
             let c = load(None, &Overrides::default()).unwrap();
             assert_eq!(c.credentials[0].client_secret.expose(), "from-file");
+            // The jail's file is 0644: warned about, by path only.
+            std::fs::set_permissions(
+                "secret.txt",
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+            .unwrap();
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+            assert!(c.warnings[0].contains("secret.txt"));
+            assert!(!c.warnings[0].contains("from-file"));
+            std::fs::set_permissions(
+                "secret.txt",
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+            let c = load(None, &Overrides::default()).unwrap();
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
             Ok(())
         });
     }
@@ -1190,5 +1223,96 @@ mod tests {
             assert!(!c.listeners.is_empty());
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod prop_tests {
+    use super::*;
+    use figment::providers::Toml;
+    use proptest::prelude::*;
+
+    /// Values of every TOML type, valid and not.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9:/._ -]{0,20}".prop_map(|s| format!("\"{s}\"")),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| f.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            "[ -~]{0,16}",
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("[\"a\", 1, {x = 2}]".to_string()),
+            Just("\"10.0.0.0/8\"".to_string()),
+            Just("\"127.0.0.1:0\"".to_string()),
+            Just("\"http://127.0.0.1:1/x\"".to_string()),
+        ]
+    }
+
+    /// A line of a config file: a known key (in dotted form, so arrays meet tables), a table
+    /// header, or printable junk. Keys that name files are left out: a property must not read
+    /// arbitrary paths.
+    fn line() -> impl Strategy<Value = String> {
+        let keys: Vec<&'static str> = KNOWN_KEYS
+            .iter()
+            .copied()
+            .filter(|k| !k.contains("file") && !k.contains("cache"))
+            .collect();
+        prop_oneof![
+            4 => (prop::sample::select(keys), value())
+                .prop_map(|(k, v)| format!("{} = {v}", k.replace("[]", ""))),
+            1 => prop::sample::select(vec![
+                "[auth]", "[access]", "[[listeners]]", "[[contract.routes]]", "[contract]",
+                "[limits]", "[timeouts]", "[listeners]", "[[access]]",
+            ])
+            .prop_map(String::from),
+            1 => "[ -~]{0,30}",
+        ]
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        from_figment(&Figment::from(Toml::string(text)))
+    }
+
+    proptest! {
+        /// Whatever the file holds, parsing returns a Config or a list of problems; it never
+        /// panics, and a Config always has a listener and a credential.
+        #[test]
+        fn prop_config_parse_never_panics(lines in prop::collection::vec(line(), 0..12)) {
+            if let Ok(c) = parse(&lines.join("\n")) {
+                prop_assert!(!c.listeners.is_empty());
+                prop_assert!(c.listeners.iter().all(|l| l.credential < c.credentials.len()));
+            }
+        }
+
+        /// Arbitrary text (not TOML-shaped at all) does not panic either.
+        #[test]
+        fn prop_config_parse_never_panics_on_any_text(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+
+        /// A secret, quoted or not (a syntax error then), among junk lines: neither the problems
+        /// nor the Debug of a Config ever show it.
+        #[test]
+        fn prop_config_never_echoes_a_secret(
+            secret in "[a-zA-Z][a-zA-Z0-9]{15,23}",
+            quoted in any::<bool>(),
+            key in prop::sample::select(vec!["auth.client_secret", "access.key", "listeners.0.auth.client_secret"]),
+            before in prop::collection::vec(line(), 0..4),
+            after in prop::collection::vec(line(), 0..4),
+        ) {
+            let v = if quoted { format!("\"{secret}\"") } else { secret.clone() };
+            let mut lines = before;
+            lines.push(format!("{key} = {v}"));
+            lines.extend(after);
+            let text = lines.join("\n");
+            match parse(&text) {
+                Ok(c) => {
+                    let shown = format!("{c:?}");
+                    prop_assert!(!shown.contains(&secret));
+                }
+                Err(e) => prop_assert!(!e.to_string().contains(&secret), "{}", e),
+            }
+        }
     }
 }

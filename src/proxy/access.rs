@@ -1,6 +1,8 @@
 //! Inbound access control: who may use the proxy's credentials. Client address (CIDR allowlist),
-//! a shared key header compared in constant time, and a Host allowlist against DNS rebinding
-//! (a web page that rebinds its own name to 127.0.0.1 sends `Host: its-name`).
+//! a shared key header compared in constant time, a Host allowlist against DNS rebinding
+//! (a web page that rebinds its own name to 127.0.0.1 sends `Host: its-name`), and an Origin
+//! check against cross-site requests (a page on any site may POST to http://127.0.0.1:8080; the
+//! browser then sends its `Origin`, which must be one of `cors.allowed_origins`).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -65,6 +67,24 @@ impl Access {
                 }
             }
         }
+        if let Some(origin) = headers.get(http::header::ORIGIN) {
+            // Clients other than browsers send no Origin. A browser sends it on cross-origin
+            // requests and on every POST; without this check a page could make the proxy act
+            // (POST /tasking/tasks) even though it cannot read the answer.
+            let allowed = self.cfg.allowed_origins.iter().any(|o| o == "*")
+                || origin.to_str().is_ok_and(|o| {
+                    let o = o.trim_end_matches('/');
+                    self.cfg
+                        .allowed_origins
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(o))
+                });
+            if !allowed {
+                return Err(ProxyError::Forbidden {
+                    detail: "requests from web pages of this origin are refused: add it to cors.allowed_origins to allow them".into(),
+                });
+            }
+        }
         if let Some(key) = &self.cfg.key {
             let given = headers
                 .get(&self.cfg.key_header)
@@ -110,6 +130,7 @@ mod tests {
             key: None,
             allowed_cidrs: vec![],
             allowed_hosts: vec![],
+            allowed_origins: vec![],
         }
     }
 
@@ -151,6 +172,62 @@ mod tests {
             HeaderValue::from_static("0123456789abcdeX"),
         );
         assert!(a.check(inside, &h).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any Host and key bytes: no panic; an accepted request had an allowed Host (or none)
+        /// and exactly the key.
+        #[test]
+        fn prop_access_accepts_only_allowed_hosts_and_the_exact_key(
+            host in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            key in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            ip in proptest::array::uniform4(proptest::num::u8::ANY),
+        ) {
+            let mut c = cfg();
+            c.key = Some(Secret::new("0123456789abcdef"));
+            c.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+            c.allowed_hosts = vec!["proxy.internal".into(), ".svc.local".into()];
+            let a = Access::new(&c, "0.0.0.0:8080".parse().unwrap());
+            let mut h = HeaderMap::new();
+            let host_hv = HeaderValue::from_bytes(&host).ok();
+            if let Some(v) = &host_hv {
+                h.insert("host", v.clone());
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&key) {
+                h.insert("x-aleph-proxy-key", v);
+            }
+            let remote = IpAddr::from(ip);
+            if a.check(remote, &h).is_ok() {
+                proptest::prop_assert_eq!(ip[0], 10);
+                proptest::prop_assert_eq!(&key[..], b"0123456789abcdef");
+                if let Some(v) = host_hv {
+                    let name = host_without_port(v.to_str().unwrap()).to_ascii_lowercase();
+                    proptest::prop_assert!(
+                        name == "proxy.internal"
+                            || (name.ends_with(".svc.local") && name.len() > ".svc.local".len())
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_origins_are_refused() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut c = cfg();
+        c.allowed_origins = vec!["https://maps.example".into()];
+        let a = Access::new(&c, "127.0.0.1:8080".parse().unwrap());
+        let mut h = headers("127.0.0.1:8080");
+        assert!(a.check(ip, &h).is_ok());
+        h.insert("origin", HeaderValue::from_static("https://MAPS.example/"));
+        assert!(a.check(ip, &h).is_ok());
+        for bad in ["https://evil.example", "null", "https://maps.example.evil"] {
+            h.insert("origin", HeaderValue::from_static(bad));
+            assert!(a.check(ip, &h).is_err(), "{bad}");
+        }
+        c.allowed_origins = vec!["*".into()];
+        let a = Access::new(&c, "127.0.0.1:8080".parse().unwrap());
+        assert!(a.check(ip, &h).is_ok());
     }
 
     #[test]

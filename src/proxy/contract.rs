@@ -216,6 +216,71 @@ mod tests {
         assert_eq!(r.resolve("/x", Some(&c)), h("C"));
     }
 
+    /// Independent oracle: the prefix's segments are a prefix of the path's segments.
+    fn segments_prefix(prefix: &str, path: &str) -> bool {
+        let pre: Vec<&str> = prefix.split('/').filter(|s| !s.is_empty()).collect();
+        let segs: Vec<&str> = path.split('/').skip(1).collect();
+        segs.len() >= pre.len() && segs[..pre.len()] == pre[..]
+    }
+
+    fn path() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        (prop::collection::vec("[a-c]{1,3}", 0..4), any::<bool>()).prop_map(|(segs, slash)| {
+            let p = format!("/{}", segs.join("/"));
+            if slash && !segs.is_empty() {
+                p + "/"
+            } else {
+                p
+            }
+        })
+    }
+
+    proptest::proptest! {
+        /// Routing picks the client's header when overriding is allowed, else no header for
+        /// /contracts, else the first route whose prefix matches on segment boundaries, else
+        /// the default, else discovery.
+        #[test]
+        fn prop_routing_picks_the_first_segment_prefix(
+            routes in proptest::collection::vec((path(), "[a-z0-9-]{1,8}"), 0..5),
+            p in path(),
+            default in proptest::option::of("[a-z0-9-]{1,8}"),
+            client in proptest::option::of("[a-z0-9-]{1,8}"),
+            ovr in proptest::bool::ANY,
+        ) {
+            let pairs: Vec<(&str, &str)> =
+                routes.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let r = router(&pairs, default.as_deref(), ovr);
+            let client_hv = client.as_deref().map(|c| HeaderValue::from_str(c).unwrap());
+            let expected = match (&client_hv, ovr) {
+                (Some(c), true) => Resolution::Header(c.clone()),
+                _ if is_contracts_path(&p) => Resolution::NoHeader,
+                _ => match routes.iter().find(|(pre, _)| segments_prefix(pre, &p)) {
+                    Some((_, id)) => Resolution::Header(HeaderValue::from_str(id).unwrap()),
+                    None => match &default {
+                        Some(d) => Resolution::Header(HeaderValue::from_str(d).unwrap()),
+                        None => Resolution::Discovered,
+                    },
+                },
+            };
+            proptest::prop_assert_eq!(r.resolve(&p, client_hv.as_ref()), expected);
+        }
+
+        /// A prefix never matches a path that continues its last segment (`/a` vs `/ab`).
+        #[test]
+        fn prop_prefix_never_matches_inside_a_segment(
+            prefix in path(),
+            more in "[a-z]{1,3}",
+            rest in path(),
+        ) {
+            let base = prefix.trim_end_matches('/');
+            proptest::prop_assume!(!base.is_empty());
+            let p = format!("{base}{more}{rest}");
+            proptest::prop_assert!(!prefix_matches(&prefix, &p));
+            let below = format!("{base}{rest}");
+            proptest::prop_assert!(prefix_matches(&prefix, &below));
+        }
+    }
+
     #[test]
     fn contracts_parse_both_shapes() {
         let a = parse_contracts(br#"[{"contract_id":"c1","name":"n"}]"#).unwrap();
