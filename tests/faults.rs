@@ -1069,6 +1069,64 @@ async fn credential_rejection_is_logged_clearly_once_per_series() {
     assert!(!log.contains("mock-token-"), "a token was logged");
 }
 
+/// One GET on a kept-alive connection, opened on first use: a minimal HTTP/1.1 client, because in
+/// debug builds a full client costs as much CPU as the proxy under test and the soak must stay
+/// short. Anything but a complete 200 is an error.
+async fn soak_get(
+    conn: &mut Option<tokio::io::BufReader<tokio::net::TcpStream>>,
+    proxy: SocketAddr,
+    path: &str,
+) -> Result<(), String> {
+    use tokio::io::AsyncBufReadExt;
+    if conn.is_none() {
+        let s = tokio::net::TcpStream::connect(proxy)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        *conn = Some(tokio::io::BufReader::new(s));
+    }
+    let c = conn.as_mut().expect("connected");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {proxy}\r\n\r\n");
+    let io = |e: std::io::Error| e.to_string();
+    c.get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io)?;
+    let mut line = String::new();
+    c.read_line(&mut line).await.map_err(io)?;
+    let status = line.get(9..12).unwrap_or("").to_string();
+    let mut length = None;
+    let mut close = false;
+    loop {
+        line.clear();
+        if c.read_line(&mut line).await.map_err(io)? == 0 {
+            return Err("connection closed in the response head".into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+        if lower.starts_with("transfer-encoding:") {
+            return Err(format!("unexpected {}", line.trim()));
+        }
+        close |= lower.starts_with("connection:") && lower.contains("close");
+    }
+    let mut body = vec![0; length.ok_or("no content-length")?];
+    c.read_exact(&mut body).await.map_err(io)?;
+    if close {
+        *conn = None;
+    }
+    if status != "200" {
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_20000_requests_100_clients_two_rotations_no_failures() {
     init();
@@ -1080,26 +1138,19 @@ async fn soak_20000_requests_100_clients_two_rotations_no_failures() {
     const SOAK_PATH: &str = "/echo/soak";
     let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
     h.ready().await;
-    let c = client();
     let issued = Arc::new(AtomicUsize::new(0));
     let completed = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        // Parsed once: URL parsing (IDNA) is a visible share of a request's cost in debug builds.
-        let (c, url) = (c.clone(), reqwest::Url::parse(&h.url(SOAK_PATH)).unwrap());
         let (issued, completed, failures) = (issued.clone(), completed.clone(), failures.clone());
+        let proxy = h.proxy;
         tasks.push(tokio::spawn(async move {
+            let mut conn = None;
             while issued.fetch_add(1, Ordering::SeqCst) < TOTAL {
-                let outcome = match c.get(url.clone()).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
-                    }
-                    Ok(r) => Err(format!("status {}", r.status())),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = outcome {
+                if let Err(e) = soak_get(&mut conn, proxy, SOAK_PATH).await {
+                    conn = None;
                     failures.lock().unwrap().push(e);
                 }
                 completed.fetch_add(1, Ordering::SeqCst);
