@@ -437,6 +437,17 @@ async fn requests_only_ever_reach_the_configured_upstream() {
         assert_eq!(rec.headers["host"], upstream_authority.as_str());
     }
 
+    // Asterisk-form names no resource of the API: 400, nothing forwarded.
+    h.mock.state.clear_recorded();
+    let r = raw_exchange(
+        p,
+        b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_one_response(&r, 400, "OPTIONS *");
+    assert!(r.contains("x-aleph-proxy-error: bad_request"), "{r}");
+    assert_eq!(recorded_paths(&h.mock), Vec::<String>::new());
+
     // The same through an ordinary HTTP client.
     let r = client()
         .get(format!("http://{p}//{c}/x"))

@@ -243,6 +243,13 @@ async fn serve(
             detail: "absolute-form request targets (GET http://host/...) are refused: aleph-proxy only forwards to its configured upstream; send the path alone".into(),
         });
     }
+    // What is left besides a path is asterisk-form (OPTIONS *), which names nothing on the API
+    // and would be glued onto the base path.
+    if !req.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest {
+            detail: "only request targets that start with '/' are forwarded".into(),
+        });
+    }
     let permit = match l.shared.in_flight.clone().try_acquire_owned() {
         Ok(p) => InFlight::new(p),
         Err(_) => {
