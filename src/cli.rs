@@ -54,7 +54,7 @@ pub enum Command {
     Demo,
     /// Validate the configuration, fetch a token, list contracts, show contract routing.
     #[command(
-        after_help = "Exit status: 0 all good; 1 a problem (token endpoint, /contracts, a contract the credential lacks, no contract for some paths); 2 invalid configuration."
+        after_help = "Exit status: 0 all good; 1 a problem (token endpoint, /contracts, a contract the credential lacks, no contract for some paths, an unwritable token cache, a listener off loopback without access control); 2 invalid configuration."
     )]
     Check,
     /// Print a fresh access token to stdout (for scripts).
@@ -320,6 +320,12 @@ async fn check(g: &Global) -> ExitCode {
                     .filter(|(_, l)| l.credential == i)
                 {
                     println!("  listener {li} on {}:", l.listen);
+                    // The same condition `run` warns about at start: anyone who can reach this
+                    // address would use the credential.
+                    if !l.listen.ip().is_loopback() && !config.access.any_guard() {
+                        println!("    EXPOSED: not on loopback and no access control; set access.key_file, access.allowed_cidrs or access.allowed_hosts");
+                        ok = false;
+                    }
                     for r in &l.contract.routes {
                         let known = ids.contains(&r.id.as_str());
                         ok &= known;

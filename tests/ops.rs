@@ -1344,3 +1344,88 @@ async fn a_container_configured_by_environment_alone_serves_and_passes_its_healt
     );
     p.kill().await;
 }
+
+/// The image's ENV defaults, from the Dockerfile (`ENV K=V \ K=V ...` blocks).
+fn dockerfile_env() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    let mut env = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("ENV ") else {
+            continue;
+        };
+        let mut block = rest.to_string();
+        while block.trim_end().ends_with('\\') {
+            block = block.trim_end().trim_end_matches('\\').to_string();
+            block.push(' ');
+            block.push_str(lines.next().unwrap_or(""));
+        }
+        for pair in block.split_whitespace() {
+            let (k, v) = pair.split_once('=').expect("ENV K=V");
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env
+}
+
+/// The image runs `aleph-proxy run` with its ENV defaults and probes itself with
+/// `aleph-proxy healthcheck` (Dockerfile and Compose): those must be real subcommands, and the ENV
+/// defaults plus a deployment's credentials must be a valid configuration.
+#[tokio::test]
+async fn the_images_commands_and_env_defaults_work() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/aleph-proxy"]"#));
+    assert!(dockerfile.contains(r#"CMD ["run"]"#));
+    assert!(dockerfile.contains(r#"CMD ["/aleph-proxy", "healthcheck"]"#));
+    let compose = std::fs::read_to_string(root.join("deploy/docker-compose.yaml")).unwrap();
+    assert!(compose.contains(r#"test: ["CMD", "/aleph-proxy", "healthcheck"]"#));
+    for sub in ["run", "healthcheck"] {
+        let mut c = aleph();
+        c.args([sub, "--help"]);
+        assert_eq!(output(c).await.code, Some(0), "{sub}");
+    }
+
+    let env = dockerfile_env();
+    let keys: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    for k in [
+        "ALEPH_PROXY_LISTEN",
+        "ALEPH_PROXY_ADMIN__LISTEN",
+        "ALEPH_PROXY_LOG__FORMAT",
+    ] {
+        assert!(keys.contains(&k), "the image sets {k}: {keys:?}");
+    }
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = aleph();
+    // The image's defaults, then what a deployment adds (the listeners are not bound by `check`).
+    container_env(&mut c, &mock, dir.path(), free_addr(), free_addr());
+    c.env_remove("ALEPH_PROXY_LISTEN")
+        .env_remove("ALEPH_PROXY_ADMIN__LISTEN")
+        .env_remove("ALEPH_PROXY_LOG__FORMAT");
+    for (k, v) in &env {
+        c.env(k, v);
+    }
+    c.arg("check");
+    // Without an access guard the image's 0.0.0.0 listener exposes the credential: not all good.
+    let o = output(c).await;
+    assert_eq!(o.code, Some(1), "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout
+            .contains("listener 0 on 0.0.0.0:8080:\n    EXPOSED"),
+        "{}",
+        o.stdout
+    );
+    // With one, as the Compose example sets it.
+    let mut c = aleph();
+    container_env(&mut c, &mock, dir.path(), free_addr(), free_addr());
+    for (k, v) in &env {
+        c.env(k, v);
+    }
+    let key = write(dir.path(), "proxy-key", "a-shared-key-of-32-characters-xx");
+    c.env("ALEPH_PROXY_ACCESS__KEY_FILE", &key).arg("check");
+    let o = output(c).await;
+    assert_eq!(o.code, Some(0), "{}{}", o.stdout, o.stderr);
+    assert!(!o.stdout.contains("EXPOSED"));
+}
