@@ -1205,11 +1205,13 @@ async fn bad_header_bytes_get_400_and_reach_no_upstream() {
     ];
     for (what, request) in &cases {
         let r = raw_exchange(h.proxy, request).await;
-        let s = statuses(&r);
-        assert!(
-            s.len() <= 1 && s.iter().all(|c| (400..500).contains(c)),
-            "{what}: expected a 4xx or a close, got:\n{r}"
-        );
+        // hyper answers 400 to what it cannot parse; to an HTTP/2 preface it just closes.
+        let expected = if what.starts_with("HTTP/2") {
+            vec![]
+        } else {
+            vec![400]
+        };
+        assert_eq!(statuses(&r), expected, "{what}:\n{r}");
     }
     assert_eq!(h.mock.state.api_requests.load(Ordering::SeqCst), 0);
     // Still alive.
@@ -1249,11 +1251,7 @@ async fn oversized_headers_get_431_and_reach_no_upstream() {
         let mut s = TcpStream::connect(h.proxy).await.unwrap();
         let _ = s.write_all(request.as_bytes()).await;
         let r = read_to_close(&mut s).await;
-        let codes = statuses(&r);
-        assert!(
-            codes.len() <= 1 && codes.iter().all(|c| [400, 414, 431].contains(c)),
-            "{what}: {r}"
-        );
+        assert_one_response(&r, 431, what);
     }
     // Under the limit is fine.
     let fits = "a".repeat(8 * 1024);
@@ -1443,7 +1441,12 @@ fn security_md_cites_existing_tests() {
         let file = if module.len() == 1 && integration.exists() {
             integration
         } else {
-            let m: Vec<&str> = module.iter().copied().filter(|s| *s != "tests").collect();
+            // `config::prop_tests::x` lives in src/config.rs.
+            let m: Vec<&str> = module
+                .iter()
+                .copied()
+                .filter(|s| !s.ends_with("tests"))
+                .collect();
             let flat = root.join("src").join(format!("{}.rs", m.join("/")));
             if flat.exists() {
                 flat
