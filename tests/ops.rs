@@ -607,6 +607,57 @@ async fn check_discovers_the_only_contract_without_a_default() {
 }
 
 #[tokio::test]
+async fn check_with_several_contracts_needs_a_default_unless_clients_choose() {
+    let mock = Mock::start(MockOptions {
+        contracts: vec![
+            (MOCK_CONTRACT.into(), "A".into()),
+            (MOCK_CONTRACT_2.into(), "B".into()),
+        ],
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &toml_for(&mock, free_addr(), free_addr(), ""),
+    );
+    let mut c = aleph();
+    c.arg("check").arg("--config").arg(&cfg);
+    let o = output(c).await;
+    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert!(
+        o.stdout.contains(
+            "everything else -> NONE: set contract.default (the credential has 2 contracts)"
+        ),
+        "{}",
+        o.stdout
+    );
+
+    let cfg = write(
+        dir.path(),
+        "o.toml",
+        &toml_for(
+            &mock,
+            free_addr(),
+            free_addr(),
+            "[contract]\nallow_client_override = true\n",
+        ),
+    );
+    let mut c = aleph();
+    c.arg("check").arg("--config").arg(&cfg);
+    let o = output(c).await;
+    assert_eq!(o.code, Some(0), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("everything else -> the client's X-Satellogic-Contract-Id"),
+        "{}",
+        o.stdout
+    );
+}
+
+#[tokio::test]
 async fn check_fails_on_a_bad_config() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
