@@ -989,21 +989,26 @@ async fn cross_site_requests_from_web_pages_are_refused() {
 }
 
 /// Start-up says EXPOSED, loudly, when a listener is off loopback with no guard at all, and does
-/// not when a guard is set.
+/// not when a guard is set (a key from a file or from the environment, or client networks).
 #[tokio::test]
 async fn exposed_listener_without_guard_warns_at_startup() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key_file = write_file(dir.path(), "key", ACCESS_KEY, 0o600);
     let env = minimal_env("info");
-    for (guard, expect_warning) in [
-        (String::new(), true),
+    let mut env_with_key = env.clone();
+    env_with_key.push(("ALEPH_PROXY_ACCESS__KEY", ACCESS_KEY.to_string()));
+    for (guard, env, expect_warning) in [
+        (String::new(), &env, true),
         (
             format!("[access]\nkey_file = \"{}\"\n", key_file.display()),
+            &env,
             false,
         ),
+        (String::new(), &env_with_key, false),
         (
             "[access]\nallowed_cidrs = [\"10.0.0.0/8\"]\n".to_string(),
+            &env,
             false,
         ),
     ] {
@@ -1011,7 +1016,7 @@ async fn exposed_listener_without_guard_warns_at_startup() {
             "{EXPOSED}upstream = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\ntoken_url = \"{}\"\nclient_id = \"{MOCK_CLIENT_ID}\"\nclient_secret = \"{MOCK_CLIENT_SECRET}\"\n{guard}",
             mock.api_url, mock.token_url
         );
-        let proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
+        let proxy = Spawned::start(dir.path(), &toml, &env_refs(env));
         proxy.wait_for("proxy listening").await;
         let log = proxy.stop().await;
         assert_eq!(
@@ -1025,6 +1030,7 @@ async fn exposed_listener_without_guard_warns_at_startup() {
             assert!(line.contains("0.0.0.0"), "{line}");
         }
         assert!(!log.contains(MOCK_CLIENT_SECRET));
+        assert!(!log.contains(ACCESS_KEY));
     }
 }
 
