@@ -70,6 +70,14 @@ fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Two distinct free ports (proxy, admin): both held until both are picked, so the OS cannot hand
+/// out the same one twice.
+fn free_pair() -> (SocketAddr, SocketAddr) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap(), b.local_addr().unwrap())
+}
+
 /// The mock's endpoints and credentials as TOML, ports as given, fast token retries; `extra` is
 /// appended (it starts inside `[auth]`, so it may set auth keys before opening its own tables).
 fn toml_for(mock: &Mock, proxy: SocketAddr, admin: SocketAddr, extra: &str) -> String {
@@ -209,7 +217,7 @@ impl Running {
 
 /// `aleph-proxy run --config <file>` on fresh ports.
 async fn run_binary(mock: &Mock, dir: &Path, extra: &str) -> Running {
-    let (proxy, admin) = (free_addr(), free_addr());
+    let (proxy, admin) = free_pair();
     let cfg = write(
         dir,
         &format!("run-{}.toml", proxy.port()),
@@ -1264,7 +1272,7 @@ fn container_env(c: &mut Command, mock: &Mock, dir: &Path, proxy: SocketAddr, ad
 async fn json_logs_parse_and_carry_the_request_id() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_addr(), free_addr());
+    let (proxy, admin) = free_pair();
     let mut c = aleph();
     container_env(&mut c, &mock, dir.path(), proxy, admin);
     // No subcommand: `run` is the default.
@@ -1349,7 +1357,7 @@ async fn json_logs_parse_and_carry_the_request_id() {
 async fn a_container_configured_by_environment_alone_serves_and_passes_its_healthcheck() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_addr(), free_addr());
+    let (proxy, admin) = free_pair();
     let mut c = aleph();
     container_env(&mut c, &mock, dir.path(), proxy, admin);
     // As the image's CMD: `run`; and as its HEALTHCHECK: `healthcheck` with the same environment.
