@@ -474,7 +474,7 @@ async fn refreshed_token(l: &Listener, rejected: &Token) -> Result<Arc<Token>, P
     // wait for the next generation.
     let gen = rejected.generation;
     if l.tokens
-        .wait_for_generation(gen, Duration::from_secs(10))
+        .wait_for_generation(gen, l.tokens.wait_timeout())
         .await
     {
         l.tokens.token().await
