@@ -614,6 +614,7 @@ listen = "127.0.0.1:0"
 token_url = "{token}"
 client_id = "{id}"
 client_secret_file = "{secret}"
+token_cache = "{cache}"
 wait_timeout = "2s"
 retry_initial_backoff = "50ms"
 retry_max_backoff = "200ms"
@@ -627,6 +628,7 @@ response_headers = "1s"
         id = MOCK_CLIENT_ID,
         secret = secret_file.display(),
         key = key_file.display(),
+        cache = dir.path().join("token-cache.json").display(),
     );
     let env = minimal_env("trace");
     let proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
