@@ -675,8 +675,10 @@ async fn upstream_connections_are_pooled_and_reused() {
         assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
     }
     let conns = h.mock.state.api_connections.load(Ordering::SeqCst);
-    assert_eq!(
-        conns, 1,
+    // One, give or take a connection opened while the previous one was still on its way back to
+    // the pool.
+    assert!(
+        conns <= 2,
         "100 sequential requests, {conns} upstream connections"
     );
 
