@@ -266,3 +266,48 @@ where
 }
 
 use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    /// A body fed by a channel: `send` a chunk to make one available.
+    fn channel_body() -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(Frame::data(b)), rx))
+        });
+        (tx, StreamBody::new(Box::pin(stream)))
+    }
+
+    #[tokio::test]
+    async fn idle_time_counts_only_while_waiting_on_the_sender() {
+        let idle = Duration::from_millis(200);
+        let (tx, inner) = channel_body();
+        let mut body = Streamed::new(inner, idle, ());
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // The reader is away for longer than the idle timeout (a slow client, backpressure)...
+        tokio::time::sleep(idle * 2).await;
+        // ...then finds nothing ready: the sender still gets a whole idle period from now.
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            late.send(Bytes::from_static(b"b")).unwrap();
+        });
+        let frame = body.frame().await.unwrap();
+        assert!(frame.is_ok(), "timed out while the reader was away");
+        // A sender that stays silent is cut after about the idle period.
+        let started = std::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<IdleTimeout>(), "{err}");
+        assert!(started.elapsed() >= idle - Duration::from_millis(20));
+        drop(tx);
+    }
+}
