@@ -50,12 +50,7 @@ async fn pystac_client_pages_get_and_post_searches_without_credentials() {
     let base = format!("http://{}", h.proxy);
     let store = h.mock.object_store_url.clone();
     let out = tokio::task::spawn_blocking(move || {
-        run(Command::new("python3").args([
-            script.to_str().unwrap(),
-            &base,
-            &store,
-            "23",
-        ]))
+        run(Command::new("python3").args([script.to_str().unwrap(), &base, &store, "23"]))
     })
     .await
     .unwrap();
@@ -103,8 +98,9 @@ fn make_cog(dir: &Path) -> std::path::PathBuf {
     run(Command::new("gdal_translate").args([
         "-of",
         "COG",
+        // Uncompressed: the file is large enough that GDAL reads it by ranges.
         "-co",
-        "COMPRESS=DEFLATE",
+        "COMPRESS=NONE",
         "-co",
         "BLOCKSIZE=256",
         raw.to_str().unwrap(),
@@ -150,7 +146,6 @@ async fn gdal_reads_a_cog_window_through_a_rewritten_asset_href() {
         let info = run(Command::new("gdalinfo")
             .arg(&vsi)
             .env("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
-            .env("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", "")
             .env("GDAL_HTTP_MAX_RETRY", "0"));
         let tr = run(Command::new("gdal_translate")
             .args(["-srcwin", "256", "256", "128", "128", &vsi, &out_path])
@@ -160,10 +155,16 @@ async fn gdal_reads_a_cog_window_through_a_rewritten_asset_href() {
     .await
     .unwrap();
     assert!(info.contains("Size is 1024, 1024"), "{info}");
-    assert!(info.contains("LAYOUT=COG") || info.contains("Band 3"), "{info}");
+    assert!(
+        info.contains("LAYOUT=COG") || info.contains("Band 3"),
+        "{info}"
+    );
     let window = run(Command::new("gdalinfo").args(["-stats", out_tif.to_str().unwrap()]));
     assert!(window.contains("Size is 128, 128"), "{window}");
-    assert!(window.contains("Minimum=90.000") || window.contains("STATISTICS_MEAN=90"), "{window}");
+    assert!(
+        window.contains("Minimum=90.000") || window.contains("STATISTICS_MEAN=90"),
+        "{window}"
+    );
     // GDAL used range requests (206) and never downloaded the whole file at once.
     let ranged = h
         .mock
