@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use aleph_proxy::mock::MockOptions;
-use support::{client, Harness};
+use support::{get_json, Harness};
 
 fn have(tool: &str, probe: &[&str]) -> bool {
     let ok = Command::new(tool)
@@ -126,14 +126,7 @@ async fn gdal_reads_a_cog_window_through_a_rewritten_asset_href() {
     )
     .await;
     // The asset href as a client finds it: in a STAC item, rewritten to the proxy.
-    let item: serde_json::Value = client()
-        .get(h.url("/archive/stac/search?limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let item: serde_json::Value = get_json(&h.url("/archive/stac/search?limit=1")).await;
     let href = item["features"][0]["assets"]["visual"]["href"]
         .as_str()
         .unwrap()

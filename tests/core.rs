@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aleph_proxy::mock::{MockOptions, MOCK_CONTRACT, MOCK_CONTRACT_2};
-use support::{client, eventually, proxy_error, Harness};
+use support::{client, eventually, get_json, proxy_error, Harness};
 
 fn two_contracts() -> MockOptions {
     MockOptions {
@@ -270,14 +270,7 @@ async fn legacy_mode_sends_key_secret_and_fetches_no_token() {
 async fn readiness_follows_the_token() {
     let h = Harness::start("").await;
     h.ready().await;
-    let v: serde_json::Value = client()
-        .get(h.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(&h.admin_url("/readyz")).await;
     assert_eq!(v["ready"], true);
     assert!(v["tokens"][0]["expires_in_s"].as_f64().unwrap() > 86000.0);
     let r = client().get(h.admin_url("/healthz")).send().await.unwrap();

@@ -4,21 +4,14 @@
 mod support;
 
 use aleph_proxy::mock::{MockOptions, MOCK_CONTRACT, MOCK_CONTRACT_2};
-use support::{client, Harness};
+use support::{client, get_json, Harness};
 
 const ITEM: &str = "20240101_120000_SN00_L1D_0000";
 
 #[tokio::test]
 async fn drf_next_and_previous_point_back_at_the_proxy() {
     let h = Harness::start("").await;
-    let v: serde_json::Value = client()
-        .get(h.url("/tasking/tasks/?limit=100&offset=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(&h.url("/tasking/tasks/?limit=100&offset=100")).await;
     assert_eq!(v["next"], h.url("/tasking/tasks/?limit=100&offset=200"));
     assert_eq!(v["previous"], h.url("/tasking/tasks/?limit=100&offset=0"));
 }
@@ -26,25 +19,10 @@ async fn drf_next_and_previous_point_back_at_the_proxy() {
 #[tokio::test]
 async fn relative_links_and_presigned_urls_are_untouched() {
     let h = Harness::start("").await;
-    let c = client();
-    let v: serde_json::Value = c
-        .get(h.url("/v2/orders/?limit=25"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(&h.url("/v2/orders/?limit=25")).await;
     assert_eq!(v["next"], "/v2/orders?offset=25&limit=25");
 
-    let page: serde_json::Value = c
-        .get(h.url("/archive/stac/search?limit=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: serde_json::Value = get_json(&h.url("/archive/stac/search?limit=2")).await;
     let item = &page["features"][0];
     let thumb = item["assets"]["thumbnail"]["href"].as_str().unwrap();
     assert!(thumb.starts_with(&h.mock.object_store_url), "{thumb}");
@@ -63,7 +41,10 @@ async fn relative_links_and_presigned_urls_are_untouched() {
         .iter()
         .find(|l| l["rel"] == "next")
         .unwrap();
-    assert!(next["href"].as_str().unwrap().starts_with(&h.url("/archive/stac/search?")));
+    assert!(next["href"]
+        .as_str()
+        .unwrap()
+        .starts_with(&h.url("/archive/stac/search?")));
 }
 
 #[tokio::test]
@@ -103,7 +84,11 @@ async fn gzip_bodies_are_decoded_rewritten_and_sent_with_a_correct_length() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("content-encoding").is_none());
-    let len: usize = r.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let len: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let body = r.bytes().await.unwrap();
     assert_eq!(body.len(), len);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -116,9 +101,16 @@ async fn gzip_bodies_are_decoded_rewritten_and_sent_with_a_correct_length() {
 #[tokio::test]
 async fn location_and_link_headers_are_rewritten() {
     let h = Harness::start("").await;
-    let r = client().get(h.url("/tasking/tasks/42")).send().await.unwrap();
+    let r = client()
+        .get(h.url("/tasking/tasks/42"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 301);
-    assert_eq!(r.headers()["location"], h.url("/tasking/tasks/42/").as_str());
+    assert_eq!(
+        r.headers()["location"],
+        h.url("/tasking/tasks/42/").as_str()
+    );
     assert_eq!(
         r.headers()["link"],
         format!("<{}>; rel=\"canonical\"", h.url("/tasking/tasks/42/")).as_str()
@@ -128,28 +120,14 @@ async fn location_and_link_headers_are_rewritten() {
 #[tokio::test]
 async fn public_url_and_the_off_switch() {
     let h = Harness::start("public_url = \"https://proxy.example.org/aleph\"").await;
-    let v: serde_json::Value = client()
-        .get(h.url("/tasking/tasks/?limit=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(&h.url("/tasking/tasks/?limit=100")).await;
     assert_eq!(
         v["next"],
         "https://proxy.example.org/aleph/tasking/tasks/?limit=100&offset=100"
     );
 
     let h = Harness::start("[rewrite]\nenabled = false").await;
-    let v: serde_json::Value = client()
-        .get(h.url("/tasking/tasks/?limit=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = get_json(&h.url("/tasking/tasks/?limit=100")).await;
     assert_eq!(
         v["next"],
         format!("{}/tasking/tasks/?limit=100&offset=100", h.mock.api_url)
@@ -182,7 +160,12 @@ async fn range_head_and_conditional_requests_pass_through() {
     .await;
     let c = client();
     let url = h.url(&format!("/assets/l1d/{ITEM}/analytic"));
-    let r = c.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    let r = c
+        .get(&url)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 100-199/1048576");
     let etag = r.headers()["etag"].clone();
@@ -193,7 +176,12 @@ async fn range_head_and_conditional_requests_pass_through() {
     assert_eq!(r.headers()["content-length"], "1048576");
     assert_eq!(r.headers()["accept-ranges"], "bytes");
 
-    let r = c.get(&url).header("if-none-match", etag.clone()).send().await.unwrap();
+    let r = c
+        .get(&url)
+        .header("if-none-match", etag.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 304);
     let rec = h.mock.state.last_request().unwrap();
     assert_eq!(rec.headers["if-none-match"], etag);
@@ -229,7 +217,10 @@ async fn each_listener_uses_its_own_contract_and_they_share_one_token() {
     )
     .await;
     let c = client();
-    for (addr, want) in [(h.proxies[1], MOCK_CONTRACT), (h.proxies[2], MOCK_CONTRACT_2)] {
+    for (addr, want) in [
+        (h.proxies[1], MOCK_CONTRACT),
+        (h.proxies[2], MOCK_CONTRACT_2),
+    ] {
         let r = c
             .get(format!("http://{addr}/archive/stac/search?limit=1"))
             .send()
@@ -258,7 +249,11 @@ async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
 
     let h = Harness::start("[cors]\nallowed_origins = [\"http://maps.example\"]").await;
-    let before = h.mock.state.api_requests.load(std::sync::atomic::Ordering::SeqCst);
+    let before = h
+        .mock
+        .state
+        .api_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
     let r = client()
         .request(reqwest::Method::OPTIONS, h.url("/archive/stac/search"))
         .header("origin", "http://maps.example")
@@ -268,9 +263,15 @@ async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    assert_eq!(r.headers()["access-control-allow-origin"], "http://maps.example");
     assert_eq!(
-        h.mock.state.api_requests.load(std::sync::atomic::Ordering::SeqCst),
+        r.headers()["access-control-allow-origin"],
+        "http://maps.example"
+    );
+    assert_eq!(
+        h.mock
+            .state
+            .api_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
         before,
         "preflight reached the upstream"
     );
@@ -281,7 +282,10 @@ async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["access-control-allow-origin"], "http://maps.example");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://maps.example"
+    );
     let r = client()
         .get(h.url("/tasking/products/"))
         .header("origin", "http://evil.example")

@@ -199,3 +199,15 @@ pub async fn proxy_error(resp: reqwest::Response) -> (u16, String) {
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_aleph-proxy")
 }
+
+/// GET `url` and parse the JSON body.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
