@@ -13,7 +13,7 @@ pub mod response;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -117,16 +117,70 @@ pub struct InFlight {
 
 impl InFlight {
     fn new(permit: OwnedSemaphorePermit) -> InFlight {
-        metrics::gauge!("aleph_proxy_in_flight_requests").increment(1.0);
+        meters().in_flight.increment(1.0);
         InFlight { _permit: permit }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("aleph_proxy_in_flight_requests").decrement(1.0);
+        meters().in_flight.decrement(1.0);
     }
 }
+
+/// Handles of the metrics every request touches, registered once: each `counter!`/`gauge!` call
+/// looks its series up in the recorder (hashing the name and labels, building a label Vec).
+/// The first request comes after `run` installed the recorder, so the handles are live.
+struct Meters {
+    in_flight: metrics::Gauge,
+    upstream_duration: metrics::Histogram,
+    /// `aleph_proxy_requests_total` by method and status class, each created on first use so a
+    /// series appears with its first request, as before.
+    requests: [[OnceLock<metrics::Counter>; 5]; 8],
+}
+
+fn meters() -> &'static Meters {
+    static METERS: OnceLock<Meters> = OnceLock::new();
+    METERS.get_or_init(|| Meters {
+        in_flight: metrics::gauge!("aleph_proxy_in_flight_requests"),
+        upstream_duration: metrics::histogram!("aleph_proxy_upstream_duration_seconds"),
+        requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+    })
+}
+
+fn count_request(method: &Method, status: StatusCode) {
+    let m = METHODS
+        .iter()
+        .position(|x| x == method)
+        .unwrap_or(METHODS.len());
+    let c = match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    };
+    meters().requests[m][c]
+        .get_or_init(|| {
+            metrics::counter!(
+                "aleph_proxy_requests_total",
+                "method" => method_label(method),
+                "status" => status_class(status),
+            )
+        })
+        .increment(1);
+}
+
+/// The methods with their own label; the rest count as "other" (the last slot).
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
 
 /// Parses `Retry-After` (delay-seconds or an HTTP date) into a delay.
 pub fn retry_after_delay(v: &HeaderValue) -> Option<Duration> {
@@ -182,8 +236,9 @@ pub async fn handle(
     // `request_id`, not `id`: JSON logs show it as span.request_id, which a log query can name.
     let span = tracing::info_span!("request", request_id = rid.to_str().unwrap_or("-"));
     let method = req.method().clone();
-    // The path only: query strings can carry signed parameters.
-    let path = req.uri().path().to_string();
+    // Logged as the path only: query strings can carry signed parameters. (A Uri clone shares
+    // its bytes: no copy for the log line, which RUST_LOG=warn skips anyway.)
+    let uri = req.uri().clone();
     let resp = async {
         let mut resp = match serve(&listener, remote, req, &rid).await {
             Ok(r) => r,
@@ -196,19 +251,14 @@ pub async fn handle(
         };
         let status = resp.status();
         let elapsed = started.elapsed();
-        metrics::counter!(
-            "aleph_proxy_requests_total",
-            "method" => method_label(&method),
-            "status" => status_class(status),
-        )
-        .increment(1);
+        count_request(&method, status);
         let proxy_error = resp
             .headers()
             .get(crate::error::ERROR_HEADER)
             .and_then(|v| v.to_str().ok());
         tracing::info!(
             method = %method,
-            path = %path,
+            path = %uri.path(),
             status = status.as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             proxy_error,
@@ -345,7 +395,8 @@ async fn forward(
         let result =
             tokio::time::timeout(shared.timeouts.response_headers, shared.client.request(out))
                 .await;
-        metrics::histogram!("aleph_proxy_upstream_duration_seconds")
+        meters()
+            .upstream_duration
             .record(sent.elapsed().as_secs_f64());
         let resp = match result {
             Err(_) => {
@@ -554,7 +605,7 @@ async fn read_body(
 /// Did the upstream request fail by timing out (`timeouts.connect`, or the OS giving up on the
 /// connection)? That is a 504 like nginx's, not the 502 of a refused connection. hyper-util reports
 /// its connect timeout as an io::Error of kind TimedOut whose text does not say so.
-fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+fn timed_out(e: &crate::upstream::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
         if inner
@@ -569,7 +620,7 @@ fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// Did the upstream request fail because the client's upload stalled past `timeouts.body_idle`?
-fn request_body_stalled(e: &hyper_util::client::legacy::Error) -> bool {
+fn request_body_stalled(e: &crate::upstream::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
         if inner.is::<IdleTimeout>() {
@@ -583,7 +634,7 @@ fn request_body_stalled(e: &hyper_util::client::legacy::Error) -> bool {
 /// Did the send fail because the client's own streamed body failed (a bad chunk size, a client
 /// that hung up mid-body)? hyper reports a user body error caused by the inbound body's error.
 /// That is the client's fault: a 400, not a 502 that blames the upstream.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+fn client_body_failed(e: &crate::upstream::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
         if inner
@@ -597,7 +648,7 @@ fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
-fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> String {
+fn upstream_error_kind(e: &crate::upstream::Error) -> String {
     let mut s = String::from(if e.is_connect() { "connect" } else { "request" });
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
