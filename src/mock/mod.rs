@@ -447,7 +447,40 @@ async fn api_handler(
     }
     let base = s.api_url.lock().unwrap().clone();
     let query = parse_query(uri.query());
-    routes(&s, &method, &path, &query, &headers, &body, &base).await
+    let resp = routes(&s, &method, &path, &query, &headers, &body, &base).await;
+    compress_json(resp, &headers).await
+}
+
+/// JSON answers are gzip-compressed when the client accepts it, as API gateways do.
+async fn compress_json(resp: Response, req_headers: &HeaderMap) -> Response {
+    use std::io::Write;
+    let wants_gzip = req_headers
+        .get("accept-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !wants_gzip || !is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&bytes).expect("in-memory write");
+    let gz = enc.finish().expect("in-memory write");
+    parts
+        .headers
+        .insert("content-encoding", "gzip".parse().unwrap());
+    parts.headers.remove("content-length");
+    parts
+        .headers
+        .insert("vary", "Accept-Encoding".parse().unwrap());
+    Response::from_parts(parts, Body::from(gz))
 }
 
 fn parse_query(q: Option<&str>) -> HashMap<String, String> {
@@ -513,6 +546,22 @@ async fn routes(
                 json!({"task_id": 9001, "status": "received", "request": v, "url": format!("{base}/tasking/tasks/9001/")}),
             )
         }
+        (Method::GET, ["tasking", "tasks", id]) if !path.ends_with('/') => {
+            // Django's APPEND_SLASH: an absolute redirect to the canonical URL.
+            Response::builder()
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header("location", format!("{base}/tasking/tasks/{id}/"))
+                .header(
+                    "link",
+                    format!("<{base}/tasking/tasks/{id}/>; rel=\"canonical\""),
+                )
+                .body(Body::empty())
+                .unwrap()
+        }
+        (Method::GET, ["tasking", "tasks", id]) => json_response(
+            StatusCode::OK,
+            json!({"task_id": id, "status": "completed", "captures": format!("{base}/tasking/tasks/{id}/captures/")}),
+        ),
         (Method::PATCH, ["tasking", "tasks", id, "cancel"]) => {
             json_response(StatusCode::OK, json!({"task_id": id, "status": "canceled"}))
         }
