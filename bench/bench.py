@@ -1,0 +1,593 @@
+#!/usr/bin/env python3
+"""The benchmark driver behind bench/run.sh (see there for usage). Standard library only.
+
+Starts, all on 127.0.0.1 and under one temporary work directory:
+  - the upstream: nginx, 1 worker, a small JSON body at /json and a large file at /big;
+  - helpers.py token (the OAuth2 token endpoint) and helpers.py sink (reads uploads);
+  - the targets: aleph-proxy variants, nginx and HAProxy configured as the same proxy;
+then puts the same wrk load on every target (and on the upstream directly) in alternating
+rounds, and reports medians. CPU time (utime+stime) and peak RSS (VmHWM, reset before each run
+through /proc/PID/clear_refs) are read from /proc for the target's processes.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def fill(template, out, **vars):
+    with open(os.path.join(HERE, template)) as f:
+        text = f.read()
+    for k, v in vars.items():
+        text = text.replace("@" + k + "@", str(v))
+    leftover = re.findall(r"@[A-Z_]+@", text)
+    if leftover:
+        sys.exit(f"{template}: unfilled {leftover}")
+    with open(out, "w") as f:
+        f.write(text)
+    return out
+
+
+# ---------------------------------------------------------------- /proc readings
+
+
+def children(pid):
+    try:
+        out = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True
+        ).stdout
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in out.split()]
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime and stime are fields 14 and 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_hwm(pid):
+    # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class Proc:
+    """A started process; `measured` are the pids whose CPU and RSS count (nginx: workers)."""
+
+    def __init__(self, name, argv, env=None, log=None):
+        self.name = name
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.p = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.master_only = True
+
+    def measured(self):
+        kids = children(self.p.pid)
+        # nginx: the master forks the workers, which do all the work; count the workers only
+        # (the master is idle; its shared pages would be counted twice).
+        return kids if (kids and not self.master_only) else [self.p.pid]
+
+    def cpu_s(self):
+        return sum(cpu_ticks(p) for p in self.measured()) / CLK_TCK
+
+    def hwm_mib(self):
+        return sum(status_kib(p, "VmHWM") for p in self.measured()) / 1024
+
+    def rss_mib(self):
+        return sum(status_kib(p, "VmRSS") for p in self.measured()) / 1024
+
+    def reset_hwm(self):
+        for p in self.measured():
+            reset_hwm(p)
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+
+
+# ---------------------------------------------------------------- wrk
+
+
+UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def to_ms(s):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    return float(m.group(1)) * UNIT[m.group(2)]
+
+
+def wrk(port, conns, seconds, path="/json"):
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--latency",
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50": p50,
+        "p99": p99,
+        "requests": total,
+        "non2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errs.group(1).strip() if errs else "",
+    }
+
+
+# ---------------------------------------------------------------- setup
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = tempfile.mkdtemp(prefix="aleph-bench.")
+        # nginx workers started by root run as nobody and must read big.bin.
+        os.chmod(self.work, 0o755)
+        self.procs = []
+        self.targets = {}  # name -> (port, Proc or None)
+
+    def start(self, name, argv, env=None, port=None, master_only=True):
+        p = Proc(name, argv, env=env, log=os.path.join(self.work, name + ".log"))
+        p.master_only = master_only
+        self.procs.append(p)
+        if port is not None and not wait_port(port):
+            with open(os.path.join(self.work, name + ".log")) as f:
+                sys.stderr.write(f.read()[-3000:])
+            sys.exit(f"{name} did not start listening on {port}")
+        return p
+
+    def setup(self):
+        a = self.args
+        w = self.work
+        for d in ["tmp-up-body", "tmp-px-body"]:
+            os.makedirs(os.path.join(w, d), exist_ok=True)
+        self.up_port = free_port()
+        up = fill(
+            "nginx-upstream.conf",
+            os.path.join(w, "nginx-upstream.conf"),
+            WORK=w,
+            UPSTREAM_PORT=self.up_port,
+        )
+        self.upstream = self.start(
+            "upstream-nginx",
+            ["nginx", "-p", w, "-c", up, "-e", os.path.join(w, "nginx-upstream.err")],
+            port=self.up_port,
+            master_only=False,
+        )
+        self.targets["direct"] = (self.up_port, None)
+
+        self.token_port = free_port()
+        self.start(
+            "token",
+            [sys.executable, os.path.join(HERE, "helpers.py"), "token", str(self.token_port)],
+            port=self.token_port,
+        )
+        self.sink_port = free_port()
+        self.start(
+            "sink",
+            [sys.executable, os.path.join(HERE, "helpers.py"), "sink", str(self.sink_port)],
+            port=self.sink_port,
+        )
+
+        for name in a.targets:
+            if name == "direct":
+                continue
+            kind, _, variant = name.partition("-")
+            if kind == "aleph":
+                self.start_aleph(name, variant)
+            elif kind == "alt":
+                # The same as aleph-*, with --alt-bin: A/B comparisons of two builds in one run.
+                self.start_aleph(name, variant, binary=self.args.alt_bin)
+            elif kind == "nginx":
+                workers = int(variant.lstrip("w") or 1)
+                port = free_port()
+                conf = fill(
+                    "nginx-proxy.conf",
+                    os.path.join(w, f"{name}.conf"),
+                    WORK=w,
+                    PORT=port,
+                    UPSTREAM_PORT=self.up_port,
+                    WORKERS=workers,
+                )
+                # Each nginx instance needs its own pid file.
+                with open(conf) as f:
+                    text = f.read().replace("nginx-proxy.pid", f"{name}.pid")
+                with open(conf, "w") as f:
+                    f.write(text)
+                p = self.start(
+                    name,
+                    ["nginx", "-p", w, "-c", conf, "-e", os.path.join(w, f"{name}.err")],
+                    port=port,
+                    master_only=False,
+                )
+                self.targets[name] = (port, p)
+            elif kind == "haproxy":
+                threads = int(variant.lstrip("w") or 1)
+                port = free_port()
+                conf = fill(
+                    "haproxy.cfg",
+                    os.path.join(w, f"{name}.cfg"),
+                    WORK=w,
+                    PORT=port,
+                    UPSTREAM_PORT=self.up_port,
+                    WORKERS=threads,
+                )
+                with open(conf) as f:
+                    text = f.read().replace("haproxy.pid", f"{name}.pid")
+                with open(conf, "w") as f:
+                    f.write(text)
+                p = self.start(name, ["haproxy", "-db", "-f", conf], port=port)
+                self.targets[name] = (port, p)
+            else:
+                sys.exit(f"unknown target {name}")
+
+    def start_aleph(self, name, variant, upstream_port=None, binary=None):
+        """Variants: w1/w2 = tokio worker threads; +rw = link rewriting on; +info = RUST_LOG=info."""
+        parts = variant.split("+")
+        threads = int(parts[0].lstrip("w") or 2)
+        port, admin = free_port(), free_port()
+        conf = fill(
+            "aleph-proxy.toml",
+            os.path.join(self.work, f"{name}.toml"),
+            PORT=port,
+            ADMIN_PORT=admin,
+            UPSTREAM_PORT=upstream_port or self.up_port,
+            TOKEN_PORT=self.token_port,
+            REWRITE="true" if "rw" in parts else "false",
+        )
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("ALEPH_PROXY_")
+        }
+        env["TOKIO_WORKER_THREADS"] = str(threads)
+        env["RUST_LOG"] = "info" if "info" in parts else "warn"
+        for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+            env.pop(k, None)
+        p = self.start(name, [binary or self.args.bin, "--config", conf], env=env, port=port)
+        self.targets[name] = (port, p)
+        # Idle RSS: started, token fetched, no request served yet.
+        if not wait_port(admin):
+            sys.exit(f"{name}: admin port did not open")
+        time.sleep(0.5)
+        p.idle_rss = p.rss_mib()
+        return port, p
+
+    def check_targets(self):
+        for name, (port, p) in self.targets.items():
+            out = subprocess.run(
+                ["curl", "-s", "-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{port}/json"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            first = out.splitlines()[0] if out else ""
+            if " 200" not in first:
+                sys.exit(f"{name}: /json did not answer 200:\n{out}")
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # ------------------------------------------------------------ runs
+
+    def measure(self, name, conns, seconds):
+        port, p = self.targets[name]
+        if p is not None:
+            if not p.alive():
+                sys.exit(f"{name} died; log in {self.work}")
+            p.reset_hwm()
+            c0 = p.cpu_s()
+        r = wrk(port, conns, seconds)
+        if p is not None:
+            r["cpu_s"] = p.cpu_s() - c0
+            r["hwm"] = p.hwm_mib()
+        else:
+            r["cpu_s"] = r["hwm"] = None
+        return r
+
+    def load_rounds(self):
+        a = self.args
+        names = list(self.targets)
+        # Warm-up: connection pools filled, pages faulted in, token fetched.
+        for n in names:
+            wrk(self.targets[n][0], a.conns, 1)
+        results = {n: [] for n in names}
+        for r in range(a.rounds):
+            # Alternate: rotate the order every round so no target always runs first or last.
+            order = names[r % len(names):] + names[: r % len(names)]
+            for n in order:
+                res = self.measure(n, a.conns, a.duration)
+                results[n].append(res)
+                print(
+                    f"  round {r + 1} {n:<18} {res['rps']:>9.0f} req/s  p50 {res['p50']:.3f} ms"
+                    f"  p99 {res['p99']:.3f} ms"
+                    + (f"  cpu {res['cpu_s']:.2f} s  hwm {res['hwm']:.1f} MiB" if res["cpu_s"] is not None else "")
+                    + (f"  NON-2XX {res['non2xx']}" if res["non2xx"] else "")
+                    + (f"  SOCKET ERRORS {res['socket_errors']}" if res["socket_errors"] else ""),
+                    flush=True,
+                )
+        return results
+
+    def many_connections(self, name, conns):
+        port, p = self.targets[name]
+        p.reset_hwm()
+        r = wrk(port, conns, self.args.duration)
+        r["hwm"] = p.hwm_mib()
+        return r
+
+    def transfers(self):
+        a = self.args
+        big = os.path.join(self.work, "big.bin")
+        up = os.path.join(self.work, "upload.bin")
+        for path, size in ((big, a.download_mib), (up, a.upload_mib)):
+            # Real (non-sparse) data, read once so both runs read it from the page cache.
+            subprocess.run(
+                ["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={size}", "status=none"],
+                check=True,
+            )
+            os.chmod(path, 0o644)
+            subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
+        if not any(n.startswith("aleph") for n in self.targets):
+            return None
+        # Fresh instances (2 worker threads, the default on this machine): their peak RSS is the
+        # transfer's, not what the load runs before left in the allocator.
+        dl_port, aleph_dl = self.start_aleph("aleph-download", "w2")
+        sink_port, aleph_up = self.start_aleph("aleph-upload", "w2", upstream_port=self.sink_port)
+        del self.targets["aleph-download"]
+        del self.targets["aleph-upload"]
+        res = {"download": {"direct": [], "aleph": [], "hwm": 0.0},
+               "upload": {"direct": [], "aleph": [], "hwm": 0.0}}
+
+        def curl(args, field):
+            out = subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args,
+                capture_output=True, text=True, timeout=600,
+            )
+            code, speed = out.stdout.split()
+            if code != "200":
+                sys.exit(f"transfer failed: {args}: {code} {out.stderr}")
+            return float(speed) / MIB
+
+        for r in range(a.transfer_rounds):
+            for who in (("direct", "aleph") if r % 2 == 0 else ("aleph", "direct")):
+                port = self.up_port if who == "direct" else dl_port
+                if who == "aleph":
+                    aleph_dl.reset_hwm()
+                res["download"][who].append(curl([f"http://127.0.0.1:{port}/big"], "speed_download"))
+                if who == "aleph":
+                    res["download"]["hwm"] = max(res["download"]["hwm"], aleph_dl.hwm_mib())
+                port = self.sink_port if who == "direct" else sink_port
+                if who == "aleph":
+                    aleph_up.reset_hwm()
+                res["upload"][who].append(curl(["-T", up, f"http://127.0.0.1:{port}/upload"], "speed_upload"))
+                if who == "aleph":
+                    res["upload"]["hwm"] = max(res["upload"]["hwm"], aleph_up.hwm_mib())
+        return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine():
+    def first(path, key):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return "?"
+
+    def version(argv):
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    return [
+        f"- CPU: {os.cpu_count()} x {first('/proc/cpuinfo', 'model name')} "
+        f"({first('/proc/cpuinfo', 'cpu MHz')} MHz), RAM {int(first('/proc/meminfo', 'MemTotal').split()[0]) // 1024} MiB",
+        f"- kernel: {os.uname().release}",
+        f"- {version(['nginx', '-v'])}; {version(['haproxy', '-v'])}; {version(['wrk', '-v'])}",
+        f"- load average before the run: {os.getloadavg()[0]:.2f}",
+    ]
+
+
+def is_peer(n):
+    return n.startswith("nginx") or n.startswith("haproxy")
+
+
+def report(args, bench, results, many, transfers):
+    lines = []
+    lines.append(
+        f"wrk -t1 -c{args.conns} -d{args.duration}s, {args.rounds} alternating rounds, medians; "
+        "CPU s = proxy CPU time (user+sys) per run; RSS = peak (VmHWM) during the run."
+    )
+    lines.append("")
+    rows = {}
+    for n, rs in results.items():
+        rows[n] = {
+            "rps": med([r["rps"] for r in rs]),
+            "p50": med([r["p50"] for r in rs]),
+            "p99": med([r["p99"] for r in rs]),
+            "cpu": med([r["cpu_s"] for r in rs]) if rs[0]["cpu_s"] is not None else None,
+            "us_req": med([r["cpu_s"] / r["requests"] * 1e6 for r in rs]) if rs[0]["cpu_s"] is not None else None,
+            "hwm": max(r["hwm"] for r in rs) if rs[0]["hwm"] is not None else None,
+            "bad": sum(r["non2xx"] for r in rs),
+        }
+    peers = [n for n in rows if is_peer(n)]
+    best_rps = max((rows[n]["rps"] for n in peers), default=None)
+    best_p99 = min((rows[n]["p99"] for n in peers), default=None)
+    direct = rows.get("direct")
+    lines.append(
+        "| target | req/s | p50 ms | p99 ms | CPU s | CPU µs/req | peak RSS MiB | req/s vs best peer | p99 vs best peer | req/s vs direct | p99 vs direct |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r in rows.items():
+        def f(x, fmt):
+            return "-" if x is None else format(x, fmt)
+
+        lines.append(
+            f"| {n} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {f(r['cpu'], '.2f')} | "
+            f"{f(r['us_req'], '.1f')} | {f(r['hwm'], '.1f')} | "
+            f"{f(r['rps'] / best_rps if best_rps else None, '.2f')} | {f(r['p99'] / best_p99 if best_p99 else None, '.2f')} | "
+            f"{f(r['rps'] / direct['rps'] if direct else None, '.2f')} | {f(r['p99'] / direct['p99'] if direct else None, '.2f')} |"
+            + (f" {r['bad']} non-2xx!" if r["bad"] else "")
+        )
+    lines.append("")
+    idle = [
+        (n, p.idle_rss)
+        for n, (_, p) in bench.targets.items()
+        if p is not None and hasattr(p, "idle_rss")
+    ]
+    if idle:
+        lines.append(
+            "aleph-proxy idle RSS (started, token fetched, before any request): "
+            + ", ".join(f"{n} {v:.1f} MiB" for n, v in idle)
+        )
+    if many:
+        n, r = many
+        lines.append(
+            f"{n} at {args.many_conns} connections: {r['rps']:.0f} req/s, p99 {r['p99']:.3f} ms, "
+            f"peak RSS {r['hwm']:.1f} MiB"
+        )
+    if transfers:
+        lines.append("")
+        lines.append(
+            f"Transfers (curl, {args.transfer_rounds} alternating rounds, medians; aleph-proxy peak RSS over its runs):"
+        )
+        lines.append("")
+        lines.append("| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio | aleph-proxy peak RSS MiB |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for kind, size in (("download", args.download_mib), ("upload", args.upload_mib)):
+            t = transfers[kind]
+            d, al = med(t["direct"]), med(t["aleph"])
+            lines.append(f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {t['hwm']:.1f} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--alt-bin", help="a second aleph-proxy build, for targets alt-wN[+rw][+info]")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--many-conns", type=int, default=256)
+    ap.add_argument("--download-mib", type=int, default=1024)
+    ap.add_argument("--upload-mib", type=int, default=256)
+    ap.add_argument("--transfer-rounds", type=int, default=3)
+    ap.add_argument("--no-transfers", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    ap.add_argument("--out", help="also write the report to this file")
+    ap.add_argument(
+        "--targets",
+        default="direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w2+rw,aleph-w2+info",
+    )
+    args = ap.parse_args()
+    args.targets = args.targets.split(",")
+    for tool in ("nginx", "haproxy", "wrk", "curl"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install -y nginx-light haproxy wrk curl")
+
+    bench = Bench(args)
+    try:
+        bench.setup()
+        bench.check_targets()
+        print(f"work dir {bench.work}; targets {', '.join(bench.targets)}", flush=True)
+        results = bench.load_rounds()
+        many = None
+        aleph = [n for n in bench.targets if n.startswith("aleph")]
+        if aleph and args.many_conns:
+            name = "aleph-w2" if "aleph-w2" in bench.targets else aleph[0]
+            many = (name, bench.many_connections(name, args.many_conns))
+        transfers = None if args.no_transfers else bench.transfers()
+        lines = ["Machine:", ""] + machine() + [""] + report(args, bench, results, many, transfers)
+        text = "\n".join(lines) + "\n"
+        print()
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+    finally:
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()

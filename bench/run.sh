@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# aleph-proxy benchmark: direct vs aleph-proxy vs nginx vs HAProxy, all on loopback.
+#
+#   bench/run.sh            full run (~10 min): release build, 5 alternating rounds of 10 s per
+#                           target, 256-connection RSS run, 1 GiB download + 256 MiB upload
+#   bench/run.sh --smoke    CI smoke (~1 min): debug build, 1 round of 2 s, 16 MiB transfers;
+#                           prints the table, asserts no numbers
+#
+# Needs (Debian): apt-get install -y nginx-light haproxy wrk curl python3
+# Any other flag goes to bench/bench.py (--rounds N, --duration S, --conns C, --targets a,b,
+# --no-transfers, --keep, --out FILE); --bin PATH uses a prebuilt aleph-proxy binary.
+# Targets: direct, aleph-wN[+rw][+info] (N tokio worker threads, +rw link rewriting on,
+# +info RUST_LOG=info instead of warn), nginx-wN, haproxy-wN (N workers / threads).
+# The release build uses CARGO_TARGET_DIR if set (default: target/).
+# Results: printed, and written to bench/out/latest.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+smoke=0
+bin=""
+args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --smoke) smoke=1 ;;
+        --bin) bin="$2"; shift ;;
+        *) args+=("$1") ;;
+    esac
+    shift
+done
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+if [[ -z "$bin" ]]; then
+    if [[ $smoke -eq 1 ]]; then
+        # The debug build CI already has for the tests: the smoke run checks that the benchmark
+        # works, not how fast it is.
+        cargo build --quiet --bin aleph-proxy
+        bin="$target_dir/debug/aleph-proxy"
+    else
+        cargo build --quiet --release --bin aleph-proxy
+        bin="$target_dir/release/aleph-proxy"
+    fi
+fi
+
+mkdir -p bench/out
+if [[ $smoke -eq 1 ]]; then
+    set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 \
+        --targets direct,aleph-w2,nginx-w1,haproxy-w1
+else
+    set --
+fi
+exec python3 bench/bench.py --bin "$bin" --out bench/out/latest.md "$@" ${args[@]+"${args[@]}"}
