@@ -231,7 +231,7 @@ async fn each_listener_uses_its_own_contract_and_they_share_one_token() {
         // Links point back at the listener that was used, so the contract sticks.
         let href = v["features"][0]["links"][0]["href"].as_str().unwrap();
         assert!(href.starts_with(&format!("http://{addr}/")), "{href}");
-        let rec = h.mock.state.last_request().unwrap();
+        let rec = h.mock.state.last_request_to("/archive/").unwrap();
         assert_eq!(rec.headers["x-satellogic-contract-id"], want);
     }
     assert_eq!(h.token_fetches(), 1);

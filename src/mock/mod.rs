@@ -183,6 +183,18 @@ impl MockState {
         self.recorded.lock().unwrap().back().cloned()
     }
 
+    /// The most recent request whose path starts with `prefix` (background calls such as
+    /// contract discovery may land after the request a test made).
+    pub fn last_request_to(&self, prefix: &str) -> Option<Recorded> {
+        self.recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.uri.path().starts_with(prefix))
+            .cloned()
+    }
+
     pub fn clear_recorded(&self) {
         self.recorded.lock().unwrap().clear();
     }
