@@ -475,6 +475,8 @@ def is_peer(n):
 
 def report(args, bench, results, many, transfers):
     lines = []
+    lines.append(f"aleph-proxy: {args.bin}" + (f"; alt: {args.alt_bin}" if args.alt_bin else ""))
+    lines.append("")
     lines.append(
         f"wrk -t1 -c{args.conns} -d{args.duration}s, {args.rounds} alternating rounds, medians; "
         "CPU s = proxy CPU time (user+sys) per run; RSS = peak (VmHWM) during the run."
