@@ -69,7 +69,9 @@ pub async fn serve_proxy(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
+        // The header limit on its own: capping the whole read buffer at it (as before) also cut
+        // uploads into 64 KiB reads. The buffer keeps hyper's default (~400 KiB) for bodies.
+        .max_header_size(settings.max_header_bytes)
         .keep_alive(true);
     loop {
         let (stream, remote) = tokio::select! {
