@@ -3,7 +3,7 @@
 #
 #   bench/run.sh            full run (~10 min): release build, 5 alternating rounds of 10 s per
 #                           target, 256-connection RSS run, 1 GiB download + 256 MiB upload
-#   bench/run.sh --smoke    CI smoke (~1 min): debug build, 1 round of 2 s, 16 MiB transfers;
+#   bench/run.sh --smoke    CI smoke (~45 s): debug build, 1 round of 2 s, 16 MiB transfers;
 #                           prints the table, asserts no numbers
 #
 # Needs (Debian): apt-get install -y nginx-light haproxy wrk curl python3
