@@ -155,6 +155,60 @@ async fn tls_upstream_with_a_ca_file_and_an_egress_proxy() {
         m
     };
 
+    // 1b. A server that offers h2 by ALPN: every request shares one HTTP/2 connection.
+    let (ca_pem, mut server) = pki();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let h2_ca = dir.path().join("h2-ca.pem");
+    std::fs::write(&h2_ca, &ca_pem).unwrap();
+    let api_h2 = tls_front(server, port_of(&mock.api_url)).await;
+    let toml = format!(
+        "upstream = \"https://{api_h2}\"\nupstream_ca_file = \"{}\"\n[contract]\ndefault = \"contract-123\"\n",
+        h2_ca.display()
+    );
+    let h = Harness::start_proxy(mock, &toml).await;
+    let c = client();
+    // One request first: the connection (and so the protocol) is known before the burst.
+    let r = c.get(h.url("/tasking/products/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        let url = h.url(&format!("/echo/h2/{i}?q={i}"));
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .body(vec![i as u8; 70_000])
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.bytes().await.unwrap())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.iter().all(|b| *b == i as u8) && body.len() == 70_000);
+    }
+    let recorded = h.mock.state.recorded();
+    let echoes: Vec<_> = recorded
+        .iter()
+        .filter(|r| r.uri.path().starts_with("/echo/h2/"))
+        .collect();
+    assert_eq!(echoes.len(), 20);
+    assert!(echoes
+        .iter()
+        .all(|r| r.version == axum::http::Version::HTTP_2));
+    assert_eq!(
+        h.mock.state.api_connections.load(Ordering::SeqCst),
+        1,
+        "concurrent HTTP/2 requests share the one upstream connection"
+    );
+    let mock = {
+        let m = Mock::start(MockOptions::default()).await.unwrap();
+        drop(h);
+        m
+    };
+
     // 2. Without the CA the certificate is not trusted: no token, nothing sent.
     let api_tls_2 = tls_front(pki().1, port_of(&mock.api_url)).await;
     let toml = format!(

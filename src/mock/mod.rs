@@ -53,6 +53,7 @@ pub enum TokenMode {
 /// One request the mock API or object store received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub version: axum::http::Version,
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
@@ -364,11 +365,13 @@ async fn token_endpoint(
 
 async fn object_store(
     State(s): State<Arc<MockState>>,
+    version: axum::http::Version,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     s.object_store.lock().unwrap().push(Recorded {
+        version,
         method,
         uri,
         headers,
@@ -391,6 +394,7 @@ fn unauthorized(msg: &str) -> Response {
 
 async fn api_handler(
     State(s): State<Arc<MockState>>,
+    version: axum::http::Version,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -398,6 +402,7 @@ async fn api_handler(
 ) -> Response {
     s.api_requests.fetch_add(1, Ordering::SeqCst);
     s.record(Recorded {
+        version,
         method: method.clone(),
         uri: uri.clone(),
         headers: headers.clone(),
