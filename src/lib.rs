@@ -211,6 +211,16 @@ pub async fn run_with(
         discoveries.insert(l.credential, rx);
     }
 
+    if let Some(via) = config
+        .upstream
+        .url
+        .as_str()
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| upstream::egress_description(&u))
+    {
+        tracing::info!(via = %via, "upstream connections go through the egress proxy (HTTPS_PROXY / HTTP_PROXY)");
+    }
     let settings = server::ConnSettings::new(&config);
     let mut tasks = Vec::new();
     for (lc, tcp) in config.listeners.iter().zip(bound.proxies) {
