@@ -7,17 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aleph_proxy::mock::{MockOptions, MOCK_CONTRACT, MOCK_CONTRACT_2};
-use support::{client, eventually, get_json, proxy_error, Harness};
-
-fn two_contracts() -> MockOptions {
-    MockOptions {
-        contracts: vec![
-            (MOCK_CONTRACT.into(), "A".into()),
-            (MOCK_CONTRACT_2.into(), "B".into()),
-        ],
-        ..MockOptions::default()
-    }
-}
+use support::{client, eventually, get_json, proxy_error, two_contracts, Harness};
 
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_before_expiry_without_failures() {

@@ -197,13 +197,7 @@ async fn range_head_and_conditional_requests_pass_through() {
 #[tokio::test]
 async fn each_listener_uses_its_own_contract_and_they_share_one_token() {
     let h = Harness::start_with(
-        MockOptions {
-            contracts: vec![
-                (MOCK_CONTRACT.into(), "A".into()),
-                (MOCK_CONTRACT_2.into(), "B".into()),
-            ],
-            ..MockOptions::default()
-        },
+        support::two_contracts(),
         &format!(
             r#"
             [[listeners]]

@@ -537,15 +537,7 @@ async fn version_and_help_for_every_subcommand() {
 
 #[tokio::test]
 async fn check_passes_and_prints_the_contract_of_each_route() {
-    let mock = Mock::start(MockOptions {
-        contracts: vec![
-            (MOCK_CONTRACT.into(), "A".into()),
-            (MOCK_CONTRACT_2.into(), "B".into()),
-        ],
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let mock = Mock::start(support::two_contracts()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         r#"
@@ -616,15 +608,7 @@ async fn check_discovers_the_only_contract_without_a_default() {
 
 #[tokio::test]
 async fn check_with_several_contracts_needs_a_default_unless_clients_choose() {
-    let mock = Mock::start(MockOptions {
-        contracts: vec![
-            (MOCK_CONTRACT.into(), "A".into()),
-            (MOCK_CONTRACT_2.into(), "B".into()),
-        ],
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    let mock = Mock::start(support::two_contracts()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(
         dir.path(),

@@ -200,6 +200,17 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_aleph-proxy")
 }
 
+/// Mock options for a credential with two contracts (`MOCK_CONTRACT` "A", `MOCK_CONTRACT_2` "B").
+pub fn two_contracts() -> MockOptions {
+    MockOptions {
+        contracts: vec![
+            (aleph_proxy::mock::MOCK_CONTRACT.into(), "A".into()),
+            (aleph_proxy::mock::MOCK_CONTRACT_2.into(), "B".into()),
+        ],
+        ..MockOptions::default()
+    }
+}
+
 /// GET `url` and parse the JSON body.
 pub async fn get_json(url: &str) -> serde_json::Value {
     client()
