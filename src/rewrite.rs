@@ -1538,7 +1538,13 @@ mod tests {
                 "HTTPS://API.Satellogic.com",
                 "https://api.satellogic.com:443",
             ]);
-            let path = prop::collection::vec("[a-zA-Z0-9_~%-]{1,8}", 0..4)
+            // Segments that decode to "." or ".." are refused by design (they could climb out of
+            // the base path), so they are not "upstream URLs" here.
+            let segment = "[a-zA-Z0-9_~%-]{1,8}".prop_filter("dot segment", |x| {
+                let decoded = x.to_ascii_lowercase().replace("%2e", ".");
+                decoded != "." && decoded != ".."
+            });
+            let path = prop::collection::vec(segment, 0..4)
                 .prop_map(|s| s.iter().map(|x| format!("/{x}")).collect::<String>());
             let slash = any::<bool>().prop_map(|b| if b { "/" } else { "" });
             // Queries hold characters that need JSON escaping, to check the suffix is copied right.
