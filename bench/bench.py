@@ -22,6 +22,15 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# CPU pinning (--pin, the default on 2+ CPUs): the proxy under test alone on the last CPU, wrk, the
+# upstream and the helpers on the others. Unpinned, the scheduler puts the target on whichever
+# core is free at start and the same build moves by +-30% from one process to the next.
+PIN = {"target": None, "rest": None}
+
+
+def pinned(argv, role):
+    cpus = PIN[role]
+    return (["taskset", "-c", cpus] + argv) if cpus else argv
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
@@ -69,11 +78,11 @@ def children(pid):
     return [int(x) for x in out.split()]
 
 
-def cpu_ticks(pid):
+def cpu_ticks(pid, user_only=False):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is state (field 3); utime and stime are fields 14 and 15.
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]) + (0 if user_only else int(fields[12]))
 
 
 def status_kib(pid, key):
@@ -114,8 +123,8 @@ class Proc:
         # (the master is idle; its shared pages would be counted twice).
         return kids if (kids and not self.master_only) else [self.p.pid]
 
-    def cpu_s(self):
-        return sum(cpu_ticks(p) for p in self.measured()) / CLK_TCK
+    def cpu_s(self, user_only=False):
+        return sum(cpu_ticks(p, user_only) for p in self.measured()) / CLK_TCK
 
     def hwm_mib(self):
         return sum(status_kib(p, "VmHWM") for p in self.measured()) / 1024
@@ -156,14 +165,14 @@ def to_ms(s):
 
 def wrk(port, conns, seconds, path="/json"):
     out = subprocess.run(
-        [
+        pinned([
             "wrk",
             "-t1",
             f"-c{conns}",
             f"-d{seconds}s",
             "--latency",
             f"http://127.0.0.1:{port}{path}",
-        ],
+        ], "rest"),
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -196,8 +205,8 @@ class Bench:
         self.procs = []
         self.targets = {}  # name -> (port, Proc or None)
 
-    def start(self, name, argv, env=None, port=None, master_only=True):
-        p = Proc(name, argv, env=env, log=os.path.join(self.work, name + ".log"))
+    def start(self, name, argv, env=None, port=None, master_only=True, role="rest"):
+        p = Proc(name, pinned(argv, role), env=env, log=os.path.join(self.work, name + ".log"))
         p.master_only = master_only
         self.procs.append(p)
         if port is not None and not wait_port(port):
@@ -269,6 +278,7 @@ class Bench:
                     ["nginx", "-p", w, "-c", conf, "-e", os.path.join(w, f"{name}.err")],
                     port=port,
                     master_only=False,
+                    role="target",
                 )
                 self.targets[name] = (port, p)
             elif kind == "haproxy":
@@ -286,7 +296,7 @@ class Bench:
                     text = f.read().replace("haproxy.pid", f"{name}.pid")
                 with open(conf, "w") as f:
                     f.write(text)
-                p = self.start(name, ["haproxy", "-db", "-f", conf], port=port)
+                p = self.start(name, ["haproxy", "-db", "-f", conf], port=port, role="target")
                 self.targets[name] = (port, p)
             else:
                 sys.exit(f"unknown target {name}")
@@ -312,7 +322,9 @@ class Bench:
         env["RUST_LOG"] = "info" if "info" in parts else "warn"
         for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
             env.pop(k, None)
-        p = self.start(name, [binary or self.args.bin, "--config", conf], env=env, port=port)
+        p = self.start(
+            name, [binary or self.args.bin, "--config", conf], env=env, port=port, role="target"
+        )
         self.targets[name] = (port, p)
         # Idle RSS: started, token fetched, no request served yet.
         if not wait_port(admin):
@@ -347,12 +359,14 @@ class Bench:
                 sys.exit(f"{name} died; log in {self.work}")
             p.reset_hwm()
             c0 = p.cpu_s()
+            u0 = p.cpu_s(user_only=True)
         r = wrk(port, conns, seconds)
         if p is not None:
             r["cpu_s"] = p.cpu_s() - c0
+            r["user_s"] = p.cpu_s(user_only=True) - u0
             r["hwm"] = p.hwm_mib()
         else:
-            r["cpu_s"] = r["hwm"] = None
+            r["cpu_s"] = r["user_s"] = r["hwm"] = None
         return r
 
     def load_rounds(self):
@@ -410,7 +424,7 @@ class Bench:
 
         def curl(args, field):
             out = subprocess.run(
-                ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args,
+                pinned(["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args, "rest"),
                 capture_output=True, text=True, timeout=600,
             )
             code, speed = out.stdout.split()
@@ -479,7 +493,9 @@ def report(args, bench, results, many, transfers):
     lines.append("")
     lines.append(
         f"wrk -t1 -c{args.conns} -d{args.duration}s, {args.rounds} alternating rounds, medians; "
-        "CPU s = proxy CPU time (user+sys) per run; RSS = peak (VmHWM) during the run."
+        + (f"target pinned to CPU {PIN['target']}, wrk/upstream/helpers to CPU {PIN['rest']}; " if PIN["target"] else "unpinned; ")
+        + 
+        "CPU s = proxy CPU time (user+sys) per run, user µs/req its user-space part; RSS = peak (VmHWM) during the run."
     )
     lines.append("")
     rows = {}
@@ -490,6 +506,7 @@ def report(args, bench, results, many, transfers):
             "p99": med([r["p99"] for r in rs]),
             "cpu": med([r["cpu_s"] for r in rs]) if rs[0]["cpu_s"] is not None else None,
             "us_req": med([r["cpu_s"] / r["requests"] * 1e6 for r in rs]) if rs[0]["cpu_s"] is not None else None,
+            "user_us_req": med([r["user_s"] / r["requests"] * 1e6 for r in rs]) if rs[0]["cpu_s"] is not None else None,
             "hwm": max(r["hwm"] for r in rs) if rs[0]["hwm"] is not None else None,
             "bad": sum(r["non2xx"] for r in rs),
         }
@@ -498,16 +515,16 @@ def report(args, bench, results, many, transfers):
     best_p99 = min((rows[n]["p99"] for n in peers), default=None)
     direct = rows.get("direct")
     lines.append(
-        "| target | req/s | p50 ms | p99 ms | CPU s | CPU µs/req | peak RSS MiB | req/s vs best peer | p99 vs best peer | req/s vs direct | p99 vs direct |"
+        "| target | req/s | p50 ms | p99 ms | CPU s | CPU µs/req | user µs/req | peak RSS MiB | req/s vs best peer | p99 vs best peer | req/s vs direct | p99 vs direct |"
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in rows.items():
         def f(x, fmt):
             return "-" if x is None else format(x, fmt)
 
         lines.append(
             f"| {n} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {f(r['cpu'], '.2f')} | "
-            f"{f(r['us_req'], '.1f')} | {f(r['hwm'], '.1f')} | "
+            f"{f(r['us_req'], '.1f')} | {f(r['user_us_req'], '.1f')} | {f(r['hwm'], '.1f')} | "
             f"{f(r['rps'] / best_rps if best_rps else None, '.2f')} | {f(r['p99'] / best_p99 if best_p99 else None, '.2f')} | "
             f"{f(r['rps'] / direct['rps'] if direct else None, '.2f')} | {f(r['p99'] / direct['p99'] if direct else None, '.2f')} |"
             + (f" {r['bad']} non-2xx!" if r["bad"] else "")
@@ -562,8 +579,17 @@ def main():
         "--targets",
         default="direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w2+rw,aleph-w2+info",
     )
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the target to its own CPU (pinned by default when there are 2+ CPUs)",
+    )
     args = ap.parse_args()
     args.targets = args.targets.split(",")
+    ncpu = os.cpu_count() or 1
+    if not args.no_pin and ncpu >= 2 and shutil.which("taskset"):
+        PIN["target"] = str(ncpu - 1)
+        PIN["rest"] = "0" if ncpu == 2 else f"0-{ncpu - 2}"
     for tool in ("nginx", "haproxy", "wrk", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install -y nginx-light haproxy wrk curl")
