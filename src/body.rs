@@ -28,6 +28,7 @@ pub fn empty() -> ProxyBody {
 }
 
 /// A body passing through the proxy: a request body on its way upstream, or an upstream response.
+#[allow(clippy::large_enum_variant)] // Boxing the streaming variant costs an allocation per request.
 pub enum PassBody {
     /// Held in memory (a small request body kept for replay, a 401 body the proxy inspected).
     Buffered(Bytes),
@@ -85,15 +86,47 @@ impl Body for PassBody {
 /// sender stalls (a client trickling an upload must not hold an upstream connection forever).
 pub struct Streaming {
     head: Option<Bytes>,
-    inner: hyper::body::Incoming,
+    inner: Source,
     idle: Option<IdleTimer>,
+}
+
+/// Where a streamed body comes from.
+#[allow(clippy::large_enum_variant)] // One per body, never moved once streaming.
+enum Source {
+    /// The client's request body (hyper's server).
+    Client(hyper::body::Incoming),
+    /// An upstream response body.
+    Upstream(crate::upstream::Body),
+}
+
+impl Source {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Source::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::Upstream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Client(b) => b.is_end_stream(),
+            Source::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Client(b) => b.size_hint(),
+            Source::Upstream(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Streaming {
     pub fn new(inner: hyper::body::Incoming) -> Streaming {
         Streaming {
             head: None,
-            inner,
+            inner: Source::Client(inner),
             idle: None,
         }
     }
@@ -102,7 +135,7 @@ impl Streaming {
     pub fn with_head(head: Bytes, inner: hyper::body::Incoming) -> Streaming {
         Streaming {
             head: (!head.is_empty()).then_some(head),
-            inner,
+            inner: Source::Client(inner),
             idle: None,
         }
     }
@@ -120,6 +153,16 @@ impl From<hyper::body::Incoming> for Streaming {
     }
 }
 
+impl From<crate::upstream::Body> for Streaming {
+    fn from(inner: crate::upstream::Body) -> Streaming {
+        Streaming {
+            head: None,
+            inner: Source::Upstream(inner),
+            idle: None,
+        }
+    }
+}
+
 impl Body for Streaming {
     type Data = Bytes;
     type Error = BoxError;
@@ -132,14 +175,14 @@ impl Body for Streaming {
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = &mut this.idle {
                     t.progress();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match &mut this.idle {
                 Some(t) => {

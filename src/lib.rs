@@ -124,15 +124,19 @@ pub async fn list_contracts(
             None => "no access token".to_string(),
         })?;
     let uri = shared.upstream_uri("/contracts").map_err(|e| e.message())?;
-    let mut req = http::Request::new(body::PassBody::Buffered(Bytes::new()));
-    *req.uri_mut() = uri;
-    req.headers_mut()
-        .insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
-    req.headers_mut().insert(
+    let mut headers = http::HeaderMap::new();
+    headers.insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
+    headers.insert(
         http::header::ACCEPT,
         http::HeaderValue::from_static("application/json"),
     );
-    let resp = tokio::time::timeout(shared.timeouts.response_headers, shared.client.request(req))
+    let get = shared.client.request(
+        &http::Method::GET,
+        &uri,
+        &headers,
+        body::PassBody::Buffered(Bytes::new()),
+    );
+    let resp = tokio::time::timeout(shared.timeouts.response_headers, get)
         .await
         .map_err(|_| "GET /contracts timed out".to_string())?
         .map_err(|_| "GET /contracts: cannot reach the upstream".to_string())?;

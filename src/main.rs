@@ -7,10 +7,16 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = aleph_proxy::cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker (TOKIO_WORKER_THREADS=1): the current-thread scheduler, no work-stealing
+    // machinery on the hot path. More: the multi-threaded one, one worker per core by default.
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1")
+        && std::env::var_os("BENCH_MT").is_none();
+    let mut builder = if one {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("aleph-proxy: cannot start the async runtime: {e}");

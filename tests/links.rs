@@ -243,11 +243,6 @@ async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
 
     let h = Harness::start("[cors]\nallowed_origins = [\"http://maps.example\"]").await;
-    let before = h
-        .mock
-        .state
-        .api_requests
-        .load(std::sync::atomic::Ordering::SeqCst);
     let r = client()
         .request(reqwest::Method::OPTIONS, h.url("/archive/stac/search"))
         .header("origin", "http://maps.example")
@@ -261,12 +256,13 @@ async fn cors_is_off_by_default_and_answers_preflights_when_enabled() {
         r.headers()["access-control-allow-origin"],
         "http://maps.example"
     );
-    assert_eq!(
-        h.mock
+    // (Contract discovery may reach the upstream meanwhile: count the preflight's method only.)
+    assert!(
+        !h.mock
             .state
-            .api_requests
-            .load(std::sync::atomic::Ordering::SeqCst),
-        before,
+            .recorded()
+            .iter()
+            .any(|r| r.method == http::Method::OPTIONS),
         "preflight reached the upstream"
     );
     let r = client()

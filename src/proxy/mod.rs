@@ -386,15 +386,14 @@ async fn forward(
             None => body.take().ok_or(ProxyError::UpstreamUnreachable)?,
         };
         let can_replay = body.is_some();
-        let mut out = Request::new(this_body);
-        *out.method_mut() = method.clone();
-        *out.uri_mut() = uri.clone();
-        *out.headers_mut() = parts.headers.clone();
-
         let sent = tokio::time::Instant::now();
-        let result =
-            tokio::time::timeout(shared.timeouts.response_headers, shared.client.request(out))
-                .await;
+        let result = tokio::time::timeout(
+            shared.timeouts.response_headers,
+            shared
+                .client
+                .request(&method, &uri, &parts.headers, this_body),
+        )
+        .await;
         meters()
             .upstream_duration
             .record(sent.elapsed().as_secs_f64());
@@ -547,7 +546,7 @@ fn rebuild(parts: http::response::Parts, body: Bytes) -> Response<PassBody> {
 }
 
 /// Reads a small body completely; None if it fails, is too long or stalls.
-async fn read_small(body: Incoming, limit: usize, idle: Duration) -> Option<Bytes> {
+async fn read_small(body: crate::upstream::Body, limit: usize, idle: Duration) -> Option<Bytes> {
     let limited = http_body_util::Limited::new(body, limit);
     let collected = tokio::time::timeout(idle, limited.collect())
         .await
@@ -635,6 +634,9 @@ fn request_body_stalled(e: &crate::upstream::Error) -> bool {
 /// that hung up mid-body)? hyper reports a user body error caused by the inbound body's error.
 /// That is the client's fault: a 400, not a 502 that blames the upstream.
 fn client_body_failed(e: &crate::upstream::Error) -> bool {
+    if e.is_client_body() {
+        return true;
+    }
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
         if inner

@@ -5,21 +5,23 @@
 //!
 //! Why not hyper-util's pooled `Client`: it serves any number of hosts, and pays for that on
 //! every request (two pool locks, a spawned task that waits to return the connection, a `Host`
-//! header formatted each time). This proxy has one upstream, so its pool is a stack of HTTP/1.1
-//! connections (or one shared HTTP/2 connection when TLS negotiates h2); BENCHMARKS.md has the
-//! numbers.
+//! header formatted each time). This proxy has one upstream, so its pool is a stack of idle
+//! HTTP/1.1 connections driven by the requests' own tasks ([`h1`]), or one shared HTTP/2
+//! connection (hyper's) when TLS negotiates h2; BENCHMARKS.md has the numbers.
+
+pub mod h1;
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::header::{HeaderValue, HOST};
-use http::{Request, Response, Uri};
+use http::header::HeaderValue;
+use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
@@ -118,15 +120,12 @@ pub fn egress_description(upstream: &http::Uri) -> Option<String> {
     })
 }
 
-/// Idle connections kept at most; more are closed once their response is read.
-const MAX_IDLE: usize = 1024;
-/// Idle connections unused this long are closed (servers drop them around then anyway).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A failed upstream request: connecting (nothing was sent) or the request itself.
+/// A failed upstream request: connecting (nothing was sent), the client's own request body, or
+/// the request itself.
 #[derive(Debug)]
 pub struct Error {
     connect: bool,
+    client_body: bool,
     source: BoxError,
 }
 
@@ -135,12 +134,27 @@ impl Error {
     pub fn is_connect(&self) -> bool {
         self.connect
     }
+
+    /// The client's request body failed (stalled, malformed, cut short) while it was sent.
+    pub fn is_client_body(&self) -> bool {
+        self.client_body
+    }
+
+    fn request(source: BoxError) -> Error {
+        Error {
+            connect: false,
+            client_body: false,
+            source,
+        }
+    }
 }
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.connect {
             "upstream connect error"
+        } else if self.client_body {
+            "client request body error"
         } else {
             "upstream request error"
         })
@@ -165,69 +179,109 @@ struct Pool {
     origin: Uri,
     /// `Host` of every HTTP/1.1 request, made once.
     host: HeaderValue,
-    /// HTTP/1.1 connections: idle ones and ones still reading a response (not ready yet), most
-    /// recently used last. A connection is put back as soon as its response headers arrive, so
-    /// no task has to wait for the body to end; `is_ready` tells which are free.
-    h1: Mutex<Vec<Pooled>>,
+    /// Idle HTTP/1.1 connections. A connection busy with a request belongs to that request's
+    /// response body until the body is read to the end.
+    h1: Arc<h1::Idle>,
     /// The HTTP/2 connection, when TLS negotiated h2: one carries every request.
     h2: Mutex<Option<http2::SendRequest<PassBody>>>,
 }
 
-struct Pooled {
-    tx: http1::SendRequest<PassBody>,
-    used: Instant,
-}
-
 enum Conn {
-    H1(http1::SendRequest<PassBody>),
+    H1(Box<h1::Conn>),
     H2(http2::SendRequest<PassBody>),
 }
 
+/// An upstream response body: read by the request's task (HTTP/1.1), or hyper's (HTTP/2).
+pub enum Body {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl http_body::Body for Body {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::H1(b) => Pin::new(b).poll_frame(cx),
+            Body::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::H1(b) => b.is_end_stream(),
+            Body::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Body::H1(b) => b.size_hint(),
+            Body::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 impl UpstreamClient {
-    /// Sends `req` (absolute URI of the upstream) and returns the response once its headers
-    /// arrived. A pooled HTTP/1.1 connection that turns out closed before the request was
-    /// written is skipped; the request then goes on another or a new connection.
-    pub async fn request(&self, mut req: Request<PassBody>) -> Result<Response<Incoming>, Error> {
+    /// Sends a request and returns the response once its headers arrived. `uri` is the absolute
+    /// upstream URI (its path and query form the request target). A pooled HTTP/1.1 connection
+    /// found closed is skipped; one that fails before the upstream answered anything gets the
+    /// request again on another connection when that is safe ([`h1::SendError`]).
+    pub async fn request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        mut body: PassBody,
+    ) -> Result<Response<Body>, Error> {
         let pool = &*self.inner;
         loop {
-            let (conn, fresh) = match pool.checkout() {
-                Some(c) => (c, false),
-                None => (pool.connect().await?, true),
+            let (conn, reused) = match pool.checkout() {
+                Some(c) => (c, true),
+                None => (pool.connect().await?, false),
             };
             match conn {
                 Conn::H2(mut tx) => {
-                    return tx.send_request(req).await.map_err(|e| Error {
-                        connect: false,
-                        source: e.into(),
-                    });
+                    let mut req = Request::new(body);
+                    *req.method_mut() = method.clone();
+                    *req.uri_mut() = uri.clone();
+                    *req.headers_mut() = headers.clone();
+                    return tx
+                        .send_request(req)
+                        .await
+                        .map(|r| r.map(Body::H2))
+                        .map_err(|e| Error::request(e.into()));
                 }
-                Conn::H1(mut tx) => {
-                    if req.uri().scheme().is_some() {
-                        // origin-form: the connection already goes to the upstream.
-                        let pq = req.uri().path_and_query().cloned();
-                        let mut parts = http::uri::Parts::default();
-                        parts.path_and_query = pq;
-                        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::default());
-                    }
-                    if !req.headers().contains_key(HOST) {
-                        req.headers_mut().insert(HOST, pool.host.clone());
-                    }
-                    match tx.try_send_request(req).await {
-                        Ok(resp) => {
-                            pool.checkin(tx);
-                            return Ok(resp);
+                Conn::H1(c) => {
+                    let head = h1::Head {
+                        method,
+                        path_and_query: uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                        host: &pool.host,
+                        headers,
+                    };
+                    match h1::send(c, reused, &head, body, &pool.h1).await {
+                        Ok(resp) => return Ok(resp.map(Body::H1)),
+                        Err(h1::SendError::Conn {
+                            retry: Some(b),
+                            error,
+                        }) => {
+                            tracing::debug!(%error, "pooled upstream connection failed; trying another");
+                            body = b;
                         }
-                        Err(mut e) => match e.take_message() {
-                            // Not written: a pooled connection closed while idle. Try another
-                            // (a fresh one failing is an upstream that hangs up at once).
-                            Some(r) if !fresh => req = r,
-                            _ => {
-                                return Err(Error {
-                                    connect: false,
-                                    source: e.into_error().into(),
-                                })
-                            }
-                        },
+                        Err(h1::SendError::Conn { error, .. }) => {
+                            return Err(Error::request(error))
+                        }
+                        Err(h1::SendError::Body(e)) => {
+                            return Err(Error {
+                                connect: false,
+                                client_body: true,
+                                source: e,
+                            })
+                        }
                     }
                 }
             }
@@ -242,34 +296,13 @@ impl Pool {
                 return Some(Conn::H2(tx.clone()));
             }
         }
-        let mut h1 = self.h1.lock().expect("pool lock");
-        let now = Instant::now();
-        let mut i = h1.len();
-        while i > 0 {
-            i -= 1;
-            let p = &h1[i];
-            if p.tx.is_closed() || (now.duration_since(p.used) > IDLE_TIMEOUT && p.tx.is_ready()) {
-                h1.swap_remove(i);
-            } else if p.tx.is_ready() {
-                return Some(Conn::H1(h1.swap_remove(i).tx));
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, tx: http1::SendRequest<PassBody>) {
-        let mut h1 = self.h1.lock().expect("pool lock");
-        if h1.len() < MAX_IDLE {
-            h1.push(Pooled {
-                tx,
-                used: Instant::now(),
-            });
-        }
+        self.h1.checkout().map(Conn::H1)
     }
 
     async fn connect(&self) -> Result<Conn, Error> {
         let connect_err = |e: BoxError| Error {
             connect: true,
+            client_body: false,
             source: e,
         };
         let io = self
@@ -292,16 +325,7 @@ impl Pool {
             *self.h2.lock().expect("pool lock") = Some(tx.clone());
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| connect_err(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-            Ok(Conn::H1(tx))
+            Ok(Conn::H1(h1::Conn::new(TokioIo::new(io))))
         }
     }
 }
@@ -359,7 +383,7 @@ pub fn client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
             connector: https,
             origin,
             host: HeaderValue::try_from(host).expect("a validated host is a header value"),
-            h1: Mutex::new(Vec::new()),
+            h1: Arc::new(h1::Idle::default()),
             h2: Mutex::new(None),
         }),
     }

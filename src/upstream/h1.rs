@@ -1,0 +1,698 @@
+//! HTTP/1.1 to the upstream, driven by the task that serves the client's request.
+//!
+//! The handler writes the request head and body itself, and the response body is read from the
+//! upstream socket when the client connection's writer asks for the next chunk. There is no
+//! connection task and no channel between tasks: a request costs one wake-up per socket event.
+//! BENCHMARKS.md has what that bought against hyper's client connection.
+//!
+//! Parsing is httparse's (the parser inside hyper), for the status line, the headers and chunk
+//! sizes. This module holds the message framing of RFC 9112 section 6: a body delimited by
+//! Content-Length, by chunked transfer coding or by the connection closing, no body for HEAD,
+//! 1xx, 204 and 304. A response whose framing is ambiguous (Transfer-Encoding with
+//! Content-Length, differing Content-Lengths) is read as the RFC says and its connection is not
+//! reused, so a confused upstream cannot desynchronise the next request.
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+use crate::body::{BoxError, PassBody};
+
+/// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel).
+pub type Io = hyper_util::rt::TokioIo<
+    hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+>;
+
+/// A response head larger than this is refused (hyper's client allows about as much).
+const MAX_HEAD: usize = 64 * 1024;
+/// Response headers at most (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Bytes asked of the socket per read of a response body.
+const READ_SIZE: usize = 64 * 1024;
+/// Request bodies up to this size go out in the same write as the head.
+const COALESCE: usize = 16 * 1024;
+/// Idle connections kept at most; more are closed once their response is read.
+const MAX_IDLE: usize = 1024;
+/// Idle connections unused this long are closed (servers drop them around then anyway).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One HTTP/1.1 connection to the upstream.
+pub struct Conn {
+    io: Io,
+    /// Read from the socket, not consumed yet.
+    buf: BytesMut,
+    /// The request head being written; kept to reuse its allocation.
+    head: Vec<u8>,
+    used: Instant,
+}
+
+impl Conn {
+    /// Boxed once per connection: a connection moves from the pool to a request and its body
+    /// and back, and the TLS state makes it large.
+    pub fn new(io: Io) -> Box<Conn> {
+        Box::new(Conn {
+            io,
+            buf: BytesMut::new(),
+            head: Vec::new(),
+            used: Instant::now(),
+        })
+    }
+
+    /// Still usable after lying idle: nothing to read (no EOF, no stray bytes, no error).
+    /// A single non-blocking poll; tokio remembers that the socket was drained, so this makes
+    /// no system call in the usual case.
+    fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut byte = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut byte);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
+            Poll::Pending
+        )
+    }
+}
+
+/// The idle HTTP/1.1 connections, most recently used last.
+#[derive(Default)]
+pub struct Idle {
+    #[allow(clippy::vec_box)] // The boxes move out to requests and back, unchanged.
+    conns: Mutex<Vec<Box<Conn>>>,
+}
+
+impl Idle {
+    /// The most recently used idle connection that is still open.
+    pub fn checkout(&self) -> Option<Box<Conn>> {
+        let mut conns = self.conns.lock().expect("pool lock");
+        let now = Instant::now();
+        while let Some(mut c) = conns.pop() {
+            if now.duration_since(c.used) > IDLE_TIMEOUT {
+                // The rest were used even earlier.
+                conns.clear();
+                return None;
+            }
+            if c.is_open() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, mut conn: Box<Conn>) {
+        conn.used = Instant::now();
+        let mut conns = self.conns.lock().expect("pool lock");
+        if conns.len() < MAX_IDLE {
+            conns.push(conn);
+        }
+    }
+}
+
+/// Why a request on a connection failed.
+#[allow(clippy::large_enum_variant)] // Moved once per failed request, not worth a box.
+pub enum SendError {
+    /// The client's request body failed (stalled, malformed, cut short): the client's fault.
+    Body(BoxError),
+    /// The connection failed or the upstream broke the protocol. `retry` holds the request
+    /// body when sending the request again on another connection is safe: a reused connection
+    /// that failed before the upstream answered anything, with nothing of the request written or
+    /// an idempotent request whose body is kept (RFC 9110 section 9.2.2).
+    Conn {
+        error: BoxError,
+        retry: Option<PassBody>,
+    },
+}
+
+/// The request line and headers, borrowed from the handler so that a retry needs no copy.
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub path_and_query: &'a str,
+    pub host: &'a HeaderValue,
+    pub headers: &'a HeaderMap,
+}
+
+/// Sends one request on `conn` and reads the response head. `reused`: the connection served
+/// requests before (a failure with nothing answered may be the upstream closing it while idle).
+pub async fn send(
+    mut conn: Box<Conn>,
+    reused: bool,
+    head: &Head<'_>,
+    body: PassBody,
+    idle: &std::sync::Arc<Idle>,
+) -> Result<Response<Body>, SendError> {
+    let framing = write_head(&mut conn.head, head, &body);
+    let replayable = match &body {
+        PassBody::Buffered(b) if is_idempotent(head.method) => Some(b.clone()),
+        _ => None,
+    };
+    // Only a buffered body survives a failed attempt; a streamed one may be half read.
+    let stale = |error: BoxError| SendError::Conn {
+        retry: if reused {
+            replayable.clone().map(PassBody::Buffered)
+        } else {
+            None
+        },
+        error,
+    };
+
+    // The head, with a small body in the same write.
+    let mut body = body;
+    let mut sent = 0;
+    if let PassBody::Buffered(b) = &body {
+        if b.len() <= COALESCE {
+            conn.head.extend_from_slice(b);
+            sent = b.len() as u64;
+            body = PassBody::Buffered(Bytes::new());
+        }
+    }
+    if let Err(e) = conn.io.write_all(&conn.head).await {
+        return Err(match body {
+            // Nothing of a streamed body was read yet: it can go on another connection.
+            PassBody::Streaming(_) if reused => SendError::Conn {
+                error: e.into(),
+                retry: Some(body),
+            },
+            _ => stale(e.into()),
+        });
+    }
+    if let Err(e) = write_body(&mut conn, body, framing, sent).await {
+        return Err(match e {
+            WriteError::Body(e) => SendError::Body(e),
+            WriteError::Io(e) => stale(e.into()),
+        });
+    }
+
+    // The response head; 1xx interim responses (100 Continue, 103 Early Hints) are skipped.
+    let mut received = false;
+    loop {
+        match parse_head(&mut conn.buf, head.method) {
+            Ok(Some(parsed)) => {
+                if parsed.status.is_informational() {
+                    if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(SendError::Conn {
+                            error: "the upstream switched protocols unasked".into(),
+                            retry: None,
+                        });
+                    }
+                    continue;
+                }
+                return Ok(parsed.into_response(conn, idle));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(SendError::Conn {
+                    error: e.into(),
+                    retry: None,
+                })
+            }
+        }
+        if conn.buf.len() > MAX_HEAD {
+            return Err(SendError::Conn {
+                error: "upstream response head too large".into(),
+                retry: None,
+            });
+        }
+        conn.buf.reserve(8 * 1024);
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if !received => {
+                return Err(stale(
+                    "the upstream closed the connection without answering".into(),
+                ))
+            }
+            Ok(0) => {
+                return Err(SendError::Conn {
+                    error: "the upstream closed the connection in the response head".into(),
+                    retry: None,
+                })
+            }
+            Ok(_) => received = true,
+            Err(e) if !received => return Err(stale(e.into())),
+            Err(e) => {
+                return Err(SendError::Conn {
+                    error: e.into(),
+                    retry: None,
+                })
+            }
+        }
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// How the request body is delimited.
+#[derive(Clone, Copy)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body: &PassBody) -> Framing {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(head.host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in head.headers {
+        // Framing is the proxy's own (below); Host is the upstream's; the client's Expect was
+        // answered by the proxy, which sends the body at once.
+        if matches!(
+            *name,
+            header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::HOST | header::EXPECT
+        ) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = match body {
+        PassBody::Buffered(b) => Framing::Length(b.len() as u64),
+        PassBody::Streaming(s) => match s.size_hint().exact() {
+            Some(n) => Framing::Length(n),
+            None => Framing::Chunked,
+        },
+    };
+    match framing {
+        Framing::Length(0)
+            if !head.headers.contains_key(header::CONTENT_LENGTH)
+                && !matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+enum WriteError {
+    Body(BoxError),
+    Io(std::io::Error),
+}
+
+async fn write_body(
+    conn: &mut Conn,
+    body: PassBody,
+    framing: Framing,
+    mut sent: u64,
+) -> Result<(), WriteError> {
+    let mut body = std::pin::pin!(body);
+    loop {
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(WriteError::Body(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) if !d.is_empty() => d,
+                // Empty chunks and request trailers (the API uses none) are not forwarded.
+                _ => continue,
+            },
+        };
+        sent += data.len() as u64;
+        match framing {
+            Framing::Length(n) => {
+                if sent > n {
+                    return Err(WriteError::Body(
+                        "request body longer than announced".into(),
+                    ));
+                }
+                conn.io.write_all(&data).await.map_err(WriteError::Io)?;
+            }
+            Framing::Chunked => {
+                let size = format!("{:x}\r\n", data.len());
+                let mut chunk = Bytes::from(size).chain(data).chain(&b"\r\n"[..]);
+                conn.io
+                    .write_all_buf(&mut chunk)
+                    .await
+                    .map_err(WriteError::Io)?;
+            }
+        }
+    }
+    match framing {
+        Framing::Length(n) if sent != n => {
+            return Err(WriteError::Body(
+                "request body shorter than announced".into(),
+            ))
+        }
+        Framing::Chunked => conn
+            .io
+            .write_all(b"0\r\n\r\n")
+            .await
+            .map_err(WriteError::Io)?,
+        _ => {}
+    }
+    conn.io.flush().await.map_err(WriteError::Io)
+}
+
+/// A parsed response head.
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    kind: Kind,
+    keep_alive: bool,
+}
+
+/// Parses a complete response head off the front of `buf`; None when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let n = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("invalid upstream response head: {e}")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Values are slices of the head's bytes, not copies.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("invalid upstream header name {:?}", h.name))?;
+        let start = h.value.as_ptr() as usize - base;
+        spans.push((name, start, start + h.value.len()));
+    }
+    let bytes = buf.split_to(n).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, start, end) in spans {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+            .map_err(|_| format!("invalid upstream header value for {name}"))?;
+        headers.append(name, value);
+    }
+
+    let mut keep_alive = version == Version::HTTP_11 && !has_token(&headers, "close");
+    let kind = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Kind::Length(0)
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 6.1: Transfer-Encoding overrides Content-Length, and such a message must not
+        // leave the connection reusable.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
+        if last_coding_is_chunked(&headers) {
+            Kind::Chunked(Chunk::Size)
+        } else {
+            keep_alive = false;
+            Kind::Close
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        let mut length = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            for part in v.to_str().unwrap_or("x").split(',') {
+                let n: u64 = part
+                    .trim()
+                    .parse()
+                    .map_err(|_| "invalid upstream Content-Length".to_string())?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("differing upstream Content-Lengths".into());
+                }
+                length = Some(n);
+            }
+        }
+        Kind::Length(length.unwrap_or(0))
+    } else {
+        keep_alive = false;
+        Kind::Close
+    };
+    Ok(Some(Parsed {
+        status,
+        version,
+        headers,
+        kind,
+        keep_alive,
+    }))
+}
+
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+impl Parsed {
+    fn into_response(self, conn: Box<Conn>, idle: &std::sync::Arc<Idle>) -> Response<Body> {
+        let mut body = Body {
+            reading: Some(Reading {
+                conn,
+                kind: self.kind,
+                keep_alive: self.keep_alive,
+                idle: idle.clone(),
+            }),
+        };
+        if let Some(Reading {
+            kind: Kind::Length(0),
+            ..
+        }) = &body.reading
+        {
+            body.finish();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = self.status;
+        *resp.version_mut() = self.version;
+        *resp.headers_mut() = self.headers;
+        resp
+    }
+}
+
+/// How the rest of the response body is delimited.
+enum Kind {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+}
+
+enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of chunk data are left.
+    Data(u64),
+    /// The CRLF after chunk data is next.
+    DataEnd,
+    /// Trailer lines until the empty line.
+    Trailers,
+}
+
+struct Reading {
+    conn: Box<Conn>,
+    kind: Kind,
+    keep_alive: bool,
+    idle: std::sync::Arc<Idle>,
+}
+
+/// A response body read from the upstream connection as it is polled. When the body ends
+/// cleanly on a reusable connection, the connection goes back to the pool; dropped midway,
+/// the connection is closed.
+pub struct Body {
+    reading: Option<Reading>,
+}
+
+impl Body {
+    fn finish(&mut self) {
+        if let Some(r) = self.reading.take() {
+            if r.keep_alive && r.conn.buf.is_empty() {
+                r.idle.checkin(r.conn);
+            }
+        }
+    }
+}
+
+/// Reads more of the socket into the connection's buffer; Ok(0) at end of stream.
+fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    conn.buf.reserve(READ_SIZE);
+    tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+}
+
+fn truncated() -> BoxError {
+    "the upstream closed the connection before the end of the response body".into()
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(r) = this.reading.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut r.kind {
+                Kind::Length(left) => {
+                    if *left == 0 {
+                        this.finish();
+                        continue;
+                    }
+                    if r.conn.buf.is_empty() {
+                        match ready!(poll_fill(&mut r.conn, cx)) {
+                            Ok(0) => return fail(this, truncated()),
+                            Ok(_) => {}
+                            Err(e) => return fail(this, e.into()),
+                        }
+                    }
+                    let take = (*left).min(r.conn.buf.len() as u64) as usize;
+                    *left -= take as u64;
+                    let data = r.conn.buf.split_to(take).freeze();
+                    if *left == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Kind::Close => {
+                    if r.conn.buf.is_empty() {
+                        match ready!(poll_fill(&mut r.conn, cx)) {
+                            Ok(0) => {
+                                this.reading = None;
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return fail(this, e.into()),
+                        }
+                    }
+                    let data = r.conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Kind::Chunked(state) => {
+                    let step: Option<()> = match state {
+                        Chunk::Size => match httparse::parse_chunk_size(&r.conn.buf) {
+                            Ok(httparse::Status::Complete((used, size))) => {
+                                r.conn.buf.advance(used);
+                                *state = if size == 0 {
+                                    Chunk::Trailers
+                                } else {
+                                    Chunk::Data(size)
+                                };
+                                continue;
+                            }
+                            Ok(httparse::Status::Partial) if r.conn.buf.len() < 1024 => None,
+                            _ => return fail(this, "invalid upstream chunk size".into()),
+                        },
+                        Chunk::Data(left) => {
+                            if r.conn.buf.is_empty() {
+                                None
+                            } else {
+                                let take = (*left).min(r.conn.buf.len() as u64) as usize;
+                                *left -= take as u64;
+                                if *left == 0 {
+                                    *state = Chunk::DataEnd;
+                                }
+                                let data = r.conn.buf.split_to(take).freeze();
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
+                        }
+                        Chunk::DataEnd => {
+                            if r.conn.buf.len() < 2 {
+                                None
+                            } else if &r.conn.buf[..2] == b"\r\n" {
+                                r.conn.buf.advance(2);
+                                *state = Chunk::Size;
+                                continue;
+                            } else {
+                                return fail(this, "invalid upstream chunk end".into());
+                            }
+                        }
+                        Chunk::Trailers => {
+                            // Trailer fields are dropped (hyper's server sends them only to
+                            // clients that ask with TE: trailers; the API sends none).
+                            match r.conn.buf.windows(2).position(|w| w == b"\r\n") {
+                                Some(0) => {
+                                    r.conn.buf.advance(2);
+                                    this.finish();
+                                    return Poll::Ready(None);
+                                }
+                                Some(i) => {
+                                    r.conn.buf.advance(i + 2);
+                                    continue;
+                                }
+                                None if r.conn.buf.len() < MAX_HEAD => None,
+                                None => return fail(this, "upstream trailers too large".into()),
+                            }
+                        }
+                    };
+                    debug_assert!(step.is_none());
+                    match ready!(poll_fill(&mut r.conn, cx)) {
+                        Ok(0) => return fail(this, truncated()),
+                        Ok(_) => {}
+                        Err(e) => return fail(this, e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.reading {
+            None => SizeHint::with_exact(0),
+            Some(Reading {
+                kind: Kind::Length(n),
+                ..
+            }) => SizeHint::with_exact(*n),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn fail(body: &mut Body, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    body.reading = None;
+    Poll::Ready(Some(Err(e)))
+}
