@@ -29,7 +29,8 @@ PIN = {"target": None, "rest": None}
 
 
 def pinned(argv, role):
-    cpus = PIN[role]
+    # role "free": not pinned (the transfers: direct and proxied runs get the same CPUs).
+    cpus = PIN.get(role)
     return (["taskset", "-c", cpus] + argv) if cpus else argv
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
@@ -301,7 +302,7 @@ class Bench:
             else:
                 sys.exit(f"unknown target {name}")
 
-    def start_aleph(self, name, variant, upstream_port=None, binary=None):
+    def start_aleph(self, name, variant, upstream_port=None, binary=None, role="target"):
         """Variants: w1/w2 = tokio worker threads; +rw = link rewriting on; +info = RUST_LOG=info."""
         parts = variant.split("+")
         threads = int(parts[0].lstrip("w") or 2)
@@ -323,7 +324,7 @@ class Bench:
         for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
             env.pop(k, None)
         p = self.start(
-            name, [binary or self.args.bin, "--config", conf], env=env, port=port, role="target"
+            name, [binary or self.args.bin, "--config", conf], env=env, port=port, role=role
         )
         self.targets[name] = (port, p)
         # Idle RSS: started, token fetched, no request served yet.
@@ -415,8 +416,12 @@ class Bench:
             return None
         # Fresh instances (2 worker threads, the default on this machine): their peak RSS is the
         # transfer's, not what the load runs before left in the allocator.
-        dl_port, aleph_dl = self.start_aleph("aleph-download", "w2")
-        sink_port, aleph_up = self.start_aleph("aleph-upload", "w2", upstream_port=self.sink_port)
+        # Unpinned, like curl: a pinned proxy would get a core of its own that the direct run
+        # (curl and the upstream) does not have.
+        dl_port, aleph_dl = self.start_aleph("aleph-download", "w2", role="free")
+        sink_port, aleph_up = self.start_aleph(
+            "aleph-upload", "w2", upstream_port=self.sink_port, role="free"
+        )
         del self.targets["aleph-download"]
         del self.targets["aleph-upload"]
         res = {"download": {"direct": [], "aleph": [], "hwm": 0.0},
@@ -424,7 +429,7 @@ class Bench:
 
         def curl(args, field):
             out = subprocess.run(
-                pinned(["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args, "rest"),
+                ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args,
                 capture_output=True, text=True, timeout=600,
             )
             code, speed = out.stdout.split()
@@ -437,15 +442,23 @@ class Bench:
                 port = self.up_port if who == "direct" else dl_port
                 if who == "aleph":
                     aleph_dl.reset_hwm()
+                    c0, t0 = aleph_dl.cpu_s(), time.monotonic()
                 res["download"][who].append(curl([f"http://127.0.0.1:{port}/big"], "speed_download"))
                 if who == "aleph":
                     res["download"]["hwm"] = max(res["download"]["hwm"], aleph_dl.hwm_mib())
+                    res["download"].setdefault("cpu", []).append(
+                        (aleph_dl.cpu_s() - c0) / (time.monotonic() - t0)
+                    )
                 port = self.sink_port if who == "direct" else sink_port
                 if who == "aleph":
                     aleph_up.reset_hwm()
+                    c0, t0 = aleph_up.cpu_s(), time.monotonic()
                 res["upload"][who].append(curl(["-T", up, f"http://127.0.0.1:{port}/upload"], "speed_upload"))
                 if who == "aleph":
                     res["upload"]["hwm"] = max(res["upload"]["hwm"], aleph_up.hwm_mib())
+                    res["upload"].setdefault("cpu", []).append(
+                        (aleph_up.cpu_s() - c0) / (time.monotonic() - t0)
+                    )
         return res
 
 
@@ -552,12 +565,13 @@ def report(args, bench, results, many, transfers):
             f"Transfers (curl, {args.transfer_rounds} alternating rounds, medians; aleph-proxy peak RSS over its runs):"
         )
         lines.append("")
-        lines.append("| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio | aleph-proxy peak RSS MiB |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append("| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio | aleph-proxy peak RSS MiB | aleph-proxy CPU % |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for kind, size in (("download", args.download_mib), ("upload", args.upload_mib)):
             t = transfers[kind]
             d, al = med(t["direct"]), med(t["aleph"])
-            lines.append(f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {t['hwm']:.1f} |")
+            cpu = med(t.get("cpu", [])) * 100
+            lines.append(f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {t['hwm']:.1f} | {cpu:.0f} |")
     return lines
 
 

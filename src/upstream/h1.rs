@@ -34,8 +34,11 @@ pub type Io = hyper_util::rt::TokioIo<
 const MAX_HEAD: usize = 64 * 1024;
 /// Response headers at most (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Bytes asked of the socket per read of a response body.
-const READ_SIZE: usize = 64 * 1024;
+/// Bytes asked of the socket per read of a response body: at first, and at most. A read that
+/// fills what was asked doubles the next one, so a large download moves in large reads (fewer
+/// system calls and wake-ups per byte) while small responses keep small buffers.
+const READ_MIN: usize = 64 * 1024;
+const READ_MAX: usize = 1024 * 1024;
 /// Request bodies up to this size go out in the same write as the head.
 const COALESCE: usize = 16 * 1024;
 /// Idle connections kept at most; more are closed once their response is read.
@@ -491,6 +494,7 @@ impl Parsed {
                 kind: self.kind,
                 keep_alive: self.keep_alive,
                 idle: idle.clone(),
+                read_size: READ_MIN,
             }),
         };
         if let Some(Reading {
@@ -531,6 +535,7 @@ struct Reading {
     kind: Kind,
     keep_alive: bool,
     idle: std::sync::Arc<Idle>,
+    read_size: usize,
 }
 
 /// A response body read from the upstream connection as it is polled. When the body ends
@@ -551,9 +556,21 @@ impl Body {
 }
 
 /// Reads more of the socket into the connection's buffer; Ok(0) at end of stream.
-fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-    conn.buf.reserve(READ_SIZE);
-    tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+fn poll_fill(
+    conn: &mut Conn,
+    read_size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    conn.buf.reserve(*read_size);
+    let n = ready!(tokio_util::io::poll_read_buf(
+        Pin::new(&mut conn.io),
+        cx,
+        &mut conn.buf
+    ))?;
+    if n >= *read_size {
+        *read_size = (*read_size * 2).min(READ_MAX);
+    }
+    Poll::Ready(Ok(n))
 }
 
 fn truncated() -> BoxError {
@@ -580,7 +597,7 @@ impl http_body::Body for Body {
                         continue;
                     }
                     if r.conn.buf.is_empty() {
-                        match ready!(poll_fill(&mut r.conn, cx)) {
+                        match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
                             Ok(0) => return fail(this, truncated()),
                             Ok(_) => {}
                             Err(e) => return fail(this, e.into()),
@@ -596,7 +613,7 @@ impl http_body::Body for Body {
                 }
                 Kind::Close => {
                     if r.conn.buf.is_empty() {
-                        match ready!(poll_fill(&mut r.conn, cx)) {
+                        match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
                             Ok(0) => {
                                 this.reading = None;
                                 return Poll::Ready(None);
@@ -666,7 +683,7 @@ impl http_body::Body for Body {
                         }
                     };
                     debug_assert!(step.is_none());
-                    match ready!(poll_fill(&mut r.conn, cx)) {
+                    match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
                         Ok(0) => return fail(this, truncated()),
                         Ok(_) => {}
                         Err(e) => return fail(this, e.into()),
@@ -695,4 +712,110 @@ impl http_body::Body for Body {
 fn fail(body: &mut Body, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     body.reading = None;
     Poll::Ready(Some(Err(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_for(
+        method: Method,
+        headers: &[(&'static str, &'static str)],
+        body: PassBody,
+    ) -> String {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(*k, HeaderValue::from_static(v));
+        }
+        let host = HeaderValue::from_static("api.example");
+        let head = Head {
+            method: &method,
+            path_and_query: "/a?b=c",
+            host: &host,
+            headers: &map,
+        };
+        let mut out = Vec::new();
+        write_head(&mut out, &head, &body);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn request_heads_carry_the_proxys_framing_and_host_only() {
+        let h = head_for(
+            Method::GET,
+            &[
+                ("host", "client.example"),
+                ("expect", "100-continue"),
+                ("transfer-encoding", "chunked"),
+                ("x-keep", "1"),
+            ],
+            PassBody::Buffered(Bytes::new()),
+        );
+        assert_eq!(
+            h,
+            "GET /a?b=c HTTP/1.1\r\nhost: api.example\r\nx-keep: 1\r\n\r\n"
+        );
+        let h = head_for(Method::POST, &[], PassBody::Buffered(Bytes::new()));
+        assert!(h.ends_with("content-length: 0\r\n\r\n"), "{h}");
+        let h = head_for(
+            Method::PUT,
+            &[("content-length", "999")],
+            PassBody::Buffered(Bytes::from_static(b"12345")),
+        );
+        assert!(h.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{h}");
+        assert_eq!(h.matches("content-length").count(), 1, "{h}");
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let parse = |raw: &str, method: Method| {
+            let mut buf = BytesMut::from(raw);
+            parse_head(&mut buf, &method).map(|p| p.map(|p| (p.kind, p.keep_alive)))
+        };
+        let kind = |raw: &str| match parse(raw, Method::GET) {
+            Ok(Some((Kind::Length(n), ka))) => format!("length {n} {ka}"),
+            Ok(Some((Kind::Chunked(_), ka))) => format!("chunked {ka}"),
+            Ok(Some((Kind::Close, ka))) => format!("close {ka}"),
+            Ok(None) => "partial".into(),
+            Err(e) => format!("error {e}"),
+        };
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            "length 5 true"
+        );
+        assert_eq!(kind("HTTP/1.1 200 OK\r\ncontent-length: 5"), "partial");
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            "chunked true"
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"),
+            "chunked false"
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            "close false"
+        );
+        assert_eq!(kind("HTTP/1.1 200 OK\r\n\r\n"), "close false");
+        assert_eq!(
+            kind("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            "length 1 false"
+        );
+        assert_eq!(
+            kind("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            "length 1 false"
+        );
+        assert_eq!(kind("HTTP/1.1 204 No Content\r\n\r\n"), "length 0 true");
+        assert_eq!(
+            kind("HTTP/1.1 304 Not Modified\r\ncontent-length: 50\r\n\r\n"),
+            "length 0 true"
+        );
+        assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n").starts_with("error"));
+        assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").starts_with("error"));
+        assert!(kind("HTTP/1.1 200 OK\r\nbad header\r\n\r\n").starts_with("error"));
+        assert!(matches!(
+            parse("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", Method::HEAD),
+            Ok(Some((Kind::Length(0), true)))
+        ));
+    }
 }

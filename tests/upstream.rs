@@ -1,0 +1,321 @@
+//! The HTTP/1.1 upstream connection, against a scripted raw-socket upstream: every way RFC 9112
+//! delimits a response body (Content-Length, chunked with extensions and trailers, the connection
+//! closing, none for HEAD), interim 1xx responses, ambiguous or broken framing, and keep-alive
+//! connections the upstream closes, idle or mid-request. Each test asserts what the client gets
+//! and how many upstream connections were used.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aleph_proxy::mock::{Mock, MockOptions};
+use support::{client, eventually, proxy_error, Harness};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the scripted upstream does with one request.
+enum Step {
+    /// Write these bytes and keep the connection for the next request.
+    Reply(&'static [u8]),
+    /// Write these bytes, then close the connection.
+    ReplyAndClose(&'static [u8]),
+    /// Close the connection without answering.
+    Close,
+}
+
+type Script = dyn Fn(&str, usize) -> Step + Send + Sync;
+
+struct Upstream {
+    addr: SocketAddr,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
+    /// Connections the upstream has closed.
+    closed: Arc<AtomicUsize>,
+    /// "METHOD path" of every request received, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Upstream {
+    /// `script(request_line, index of the request on its connection)`.
+    async fn start(script: impl Fn(&str, usize) -> Step + Send + Sync + 'static) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Upstream {
+            addr,
+            conns: Arc::new(AtomicUsize::new(0)),
+            closed: Arc::new(AtomicUsize::new(0)),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        };
+        let script: Arc<Script> = Arc::new(script);
+        let (conns, closed, seen) = (up.conns.clone(), up.closed.clone(), up.seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (script, closed, seen) = (script.clone(), closed.clone(), seen.clone());
+                tokio::spawn(async move {
+                    serve(sock, &*script, &seen).await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        up
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Reads requests (head, then a Content-Length body) and follows the script.
+async fn serve(mut sock: TcpStream, script: &Script, seen: &Mutex<Vec<String>>) {
+    let mut buf = Vec::new();
+    for index in 0.. {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + length);
+        let line = head.lines().next().unwrap_or("").to_string();
+        let mut parts = line.split(' ');
+        let request = format!(
+            "{} {}",
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("")
+        );
+        seen.lock().unwrap().push(request.clone());
+        match script(&request, index) {
+            Step::Reply(bytes) => {
+                if sock.write_all(bytes).await.is_err() {
+                    return;
+                }
+            }
+            Step::ReplyAndClose(bytes) => {
+                let _ = sock.write_all(bytes).await;
+                return;
+            }
+            Step::Close => return,
+        }
+    }
+}
+
+async fn proxy_for(up: &Upstream) -> Harness {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut config = support::config_for(&mock, "[contract]\ndefault = \"contract-123\"");
+    config.upstream.url = format!("http://{}", up.addr).parse().unwrap();
+    let h = Harness::start_config(mock, config).await;
+    h.ready().await;
+    h
+}
+
+async fn get_text(url: &str) -> (u16, String) {
+    let r = client().get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn chunked_responses_arrive_whole_and_keep_their_connection() {
+    let up = Upstream::start(|_, _| {
+        Step::Reply(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n",
+        )
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for _ in 0..3 {
+        assert_eq!(get_text(&h.url("/x")).await, (200, "hello world".into()));
+    }
+    assert_eq!(
+        up.conns.load(Ordering::SeqCst),
+        1,
+        "the connection was reused"
+    );
+}
+
+#[tokio::test]
+async fn responses_delimited_by_close_arrive_whole_on_fresh_connections() {
+    let up = Upstream::start(|_, _| {
+        Step::ReplyAndClose(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for _ in 0..2 {
+        assert_eq!(get_text(&h.url("/x")).await, (200, "until the end".into()));
+    }
+    assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped() {
+    let up = Upstream::start(|_, _| {
+        Step::Reply(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 100 Continue\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    assert_eq!(get_text(&h.url("/x")).await, (200, "ok".into()));
+    assert_eq!(get_text(&h.url("/x")).await, (200, "ok".into()));
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_read_as_chunked_and_the_connection_is_not_reused() {
+    // Transfer-Encoding and Content-Length together: RFC 9112 6.1 says Transfer-Encoding wins,
+    // and such a connection must not carry another request (the lengths disagree on where the
+    // next response starts).
+    let up = Upstream::start(|_, _| {
+        Step::Reply(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
+        )
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    assert_eq!(get_text(&h.url("/x")).await, (200, "ok".into()));
+    assert_eq!(get_text(&h.url("/x")).await, (200, "ok".into()));
+    assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn differing_content_lengths_are_a_502_from_the_proxy() {
+    let up = Upstream::start(|_, _| {
+        Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd")
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let r = client().get(h.url("/x")).send().await.unwrap();
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+}
+
+#[tokio::test]
+async fn a_truncated_response_body_fails_the_clients_response() {
+    let up = Upstream::start(|_, _| {
+        Step::ReplyAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    // The head may or may not have left before the body failed; either way the client must
+    // not get what looks like a complete response.
+    if let Ok(r) = client().get(h.url("/x")).send().await {
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.bytes().await.is_err(),
+            "the client must see the body cut short"
+        );
+    }
+}
+
+#[tokio::test]
+async fn head_and_304_responses_have_no_body_and_keep_the_connection() {
+    let up = Upstream::start(|req, _| {
+        if req.starts_with("HEAD") {
+            Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+        } else if req.contains("cached") {
+            Step::Reply(b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n")
+        } else {
+            Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody")
+        }
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let r = client().head(h.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "1000");
+    let r = client().get(h.url("/cached")).send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(get_text(&h.url("/x")).await, (200, "body".into()));
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_not_used() {
+    // The upstream answers one request per connection without saying so (no Connection: close),
+    // as servers do when their keep-alive timeout ends.
+    let up = Upstream::start(|_, _| {
+        Step::ReplyAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    assert_eq!(get_text(&h.url("/a")).await, (200, "ok".into()));
+    let closed = up.closed.clone();
+    eventually(std::time::Duration::from_secs(5), || {
+        let closed = closed.clone();
+        async move { closed.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    // A POST cannot be sent twice: it must not go out on the closed connection.
+    let r = client()
+        .post(h.url("/b"))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(up.seen(), vec!["GET /a", "POST /b"]);
+}
+
+#[tokio::test]
+async fn a_reused_connection_that_drops_a_request_is_retried_for_idempotent_methods_only() {
+    // The second request on every connection is read and dropped without an answer: the race
+    // of a keep-alive timeout ending just as a request arrives.
+    let up = Upstream::start(|_, index| {
+        if index == 1 {
+            Step::Close
+        } else {
+            Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        }
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    assert_eq!(get_text(&h.url("/first")).await, (200, "ok".into()));
+    // GET: sent again on a new connection.
+    assert_eq!(get_text(&h.url("/again")).await, (200, "ok".into()));
+    assert_eq!(
+        up.seen(),
+        vec!["GET /first", "GET /again", "GET /again"],
+        "the GET went out twice"
+    );
+    assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+
+    // POST: the pooled connection (one request served) drops it too; not sent again.
+    let r = client()
+        .post(h.url("/order"))
+        .body("buy")
+        .send()
+        .await
+        .unwrap();
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    let posts = up.seen().iter().filter(|r| *r == "POST /order").count();
+    assert_eq!(posts, 1, "a POST is never sent twice");
+}
