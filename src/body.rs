@@ -218,7 +218,9 @@ impl Body for Streaming {
 /// a download, an upstream applying backpressure to an upload) never counts as the sender's idling.
 struct IdleTimer {
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Made the first time the sender keeps the reader waiting: a body that is always ready
+    /// (most small responses) never touches the timer wheel.
+    timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
@@ -226,7 +228,7 @@ impl IdleTimer {
     fn new(idle: Duration) -> IdleTimer {
         IdleTimer {
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             armed: false,
         }
     }
@@ -237,11 +239,17 @@ impl IdleTimer {
 
     /// Called when the sender has nothing: true once it has had nothing for `idle`.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.armed {
-            self.armed = true;
-            self.timer.as_mut().reset(Instant::now() + self.idle);
-        }
-        self.timer.as_mut().poll(cx).is_ready()
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.armed {
+                    t.as_mut().reset(Instant::now() + self.idle);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(self.idle))),
+        };
+        self.armed = true;
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 

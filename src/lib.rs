@@ -123,7 +123,7 @@ pub async fn list_contracts(
             Some(e) => e.to_string(),
             None => "no access token".to_string(),
         })?;
-    let uri = shared.upstream_uri("/contracts").map_err(|e| e.message())?;
+    let target = shared.upstream_path("/contracts");
     let mut headers = http::HeaderMap::new();
     headers.insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
     headers.insert(
@@ -132,7 +132,7 @@ pub async fn list_contracts(
     );
     let get = shared.client.request(
         &http::Method::GET,
-        &uri,
+        &target,
         &headers,
         body::PassBody::Buffered(Bytes::new()),
     );

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,8 +37,6 @@ const MAX_401_BODY: usize = 64 * 1024;
 /// Process-wide forwarding state shared by every listener.
 pub struct Shared {
     pub client: UpstreamClient,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
     base_path: String,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
@@ -49,25 +47,8 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: &Config, client: UpstreamClient) -> Shared {
-        let url = &config.upstream.url;
-        let scheme = if url.scheme() == "https" {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        };
-        let host = match url.host() {
-            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
-            Some(h) => h.to_string(),
-            None => String::new(),
-        };
-        let authority = match url.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host,
-        };
         Shared {
             client,
-            scheme,
-            authority: authority.parse().expect("validated upstream host"),
             base_path: config.upstream.base_path().to_string(),
             timeouts: config.timeouts.clone(),
             retry: config.retry.clone(),
@@ -77,22 +58,15 @@ impl Shared {
         }
     }
 
-    /// The upstream URI for a client path and query: the configured scheme and authority, always.
-    /// The client's path is appended to the base path as it is, so `//other-host/x` stays a path.
-    pub fn upstream_uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
-        let pq = if self.base_path.is_empty() {
-            path_and_query.to_string()
+    /// The upstream request target for a client path and query: the base path, then the client's
+    /// path as it is, so `//other-host/x` stays a path (the scheme and authority are always the
+    /// configured upstream's). Borrowed when there is no base path.
+    pub fn upstream_path<'a>(&self, path_and_query: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.base_path.is_empty() {
+            std::borrow::Cow::Borrowed(path_and_query)
         } else {
-            format!("{}{}", self.base_path, path_and_query)
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| ProxyError::BadRequest {
-                detail: "the request path is not valid".into(),
-            })
+            std::borrow::Cow::Owned(format!("{}{}", self.base_path, path_and_query))
+        }
     }
 
     /// Number of requests currently holding an in-flight slot.
@@ -330,7 +304,7 @@ async fn forward(
         .path_and_query()
         .map(|pq| pq.as_str())
         .unwrap_or("/");
-    let uri = shared.upstream_uri(path_and_query)?;
+    let target = shared.upstream_path(path_and_query);
 
     // The token first: without one nothing can be sent, and discovery (which needs a token too)
     // would otherwise turn a token outage into a misleading 422 `no_contract`.
@@ -391,7 +365,7 @@ async fn forward(
             shared.timeouts.response_headers,
             shared
                 .client
-                .request(&method, &uri, &parts.headers, this_body),
+                .request(&method, &target, &parts.headers, this_body),
         )
         .await;
         meters()

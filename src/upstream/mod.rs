@@ -227,14 +227,14 @@ impl http_body::Body for Body {
 }
 
 impl UpstreamClient {
-    /// Sends a request and returns the response once its headers arrived. `uri` is the absolute
-    /// upstream URI (its path and query form the request target). A pooled HTTP/1.1 connection
+    /// Sends a request and returns the response once its headers arrived. `target` is the path
+    /// and query on the upstream (base path included). A pooled HTTP/1.1 connection
     /// found closed is skipped; one that fails before the upstream answered anything gets the
     /// request again on another connection when that is safe ([`h1::SendError`]).
     pub async fn request(
         &self,
         method: &Method,
-        uri: &Uri,
+        target: &str,
         headers: &HeaderMap,
         mut body: PassBody,
     ) -> Result<Response<Body>, Error> {
@@ -246,9 +246,17 @@ impl UpstreamClient {
             };
             match conn {
                 Conn::H2(mut tx) => {
+                    let mut parts = http::uri::Parts::default();
+                    parts.scheme = pool.origin.scheme().cloned();
+                    parts.authority = pool.origin.authority().cloned();
+                    parts.path_and_query = Some(target.parse().map_err(|_| {
+                        Error::request("the request target is not a valid URI path".into())
+                    })?);
+                    let uri = Uri::from_parts(parts)
+                        .map_err(|_| Error::request("the request target is not valid".into()))?;
                     let mut req = Request::new(body);
                     *req.method_mut() = method.clone();
-                    *req.uri_mut() = uri.clone();
+                    *req.uri_mut() = uri;
                     *req.headers_mut() = headers.clone();
                     return tx
                         .send_request(req)
@@ -259,7 +267,7 @@ impl UpstreamClient {
                 Conn::H1(c) => {
                     let head = h1::Head {
                         method,
-                        path_and_query: uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                        path_and_query: target,
                         host: &pool.host,
                         headers,
                     };
