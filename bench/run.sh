@@ -44,7 +44,7 @@ fi
 mkdir -p bench/out
 if [[ $smoke -eq 1 ]]; then
     set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 \
-        --targets direct,aleph-w2,nginx-w1,haproxy-w1
+        --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1
 else
     set --
 fi

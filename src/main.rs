@@ -9,8 +9,7 @@ fn main() -> ExitCode {
     let cli = aleph_proxy::cli::Cli::parse();
     // One worker (TOKIO_WORKER_THREADS=1): the current-thread scheduler, no work-stealing
     // machinery on the hot path. More: the multi-threaded one, one worker per core by default.
-    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1")
-        && std::env::var_os("BENCH_MT").is_none();
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
     let mut builder = if one {
         tokio::runtime::Builder::new_current_thread()
     } else {
