@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # aleph-proxy benchmark: direct vs aleph-proxy vs nginx vs HAProxy, all on loopback.
 #
-#   bench/run.sh            full run (~10 min): release build, 5 alternating rounds of 10 s per
-#                           target, 256-connection RSS run, 1 GiB download + 256 MiB upload
+#   bench/run.sh            full run (~10 min): release build, 7 alternating rounds of 5 s per
+#                           target, 256-connection RSS run, 1 GiB download + 256 MiB upload;
+#                           the target pinned to the last CPU, the rest on the others
+#                           (--no-pin to turn that off)
 #   bench/run.sh --smoke    CI smoke (~45 s): debug build, 1 round of 2 s, 16 MiB transfers;
 #                           prints the table, asserts no numbers
 #
 # Needs (Debian): apt-get install -y nginx-light haproxy wrk curl python3
 # Any other flag goes to bench/bench.py (--rounds N, --duration S, --conns C, --targets a,b,
 # --no-transfers, --keep, --out FILE); --bin PATH uses a prebuilt aleph-proxy binary.
-# Targets: direct, aleph-wN[+rw][+info] (N tokio worker threads, +rw link rewriting on,
+# Targets: direct, aleph-wN[+rw][+info] (N tokio worker threads, 1 = the current-thread
+# runtime; +rw link rewriting on,
 # +info RUST_LOG=info instead of warn), nginx-wN, haproxy-wN (N workers / threads).
 # The release build uses CARGO_TARGET_DIR if set (default: target/).
 # Results: printed, and written to bench/out/latest.md.
