@@ -386,6 +386,44 @@ async fn raw_chunked_post(proxy: SocketAddr, path: &str, payload: &[u8]) -> (u16
     (status, resp[split + 4..].to_vec())
 }
 
+/// curl sends `Expect: 100-continue` before bodies over 1 MiB and waits for the go-ahead: the
+/// proxy must give it (and not forward the Expect), for kept and for streamed bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_expect_100_continue_get_it_and_arrive_whole() {
+    init();
+    let h = Harness::start("[contract]\ndefault = \"contract-123\"").await;
+    h.ready().await;
+    for size in [1000usize, 3 * 1024 * 1024] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut conn = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+        let head = format!(
+            "PUT /echo/expect HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+            h.proxy
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut interim = [0u8; 25];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut interim))
+            .await
+            .expect("a 100 Continue before the body is sent")
+            .unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        conn.write_all(&payload).await.unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut resp))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        assert!(resp.starts_with(b"HTTP/1.1 200"), "{size} bytes");
+        assert!(
+            resp[split + 4..] == payload[..],
+            "{size} bytes echoed whole"
+        );
+        let rec = h.mock.state.last_request_to("/echo/expect").unwrap();
+        assert!(rec.headers.get("expect").is_none(), "Expect went upstream");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_uploads_are_kept_for_replay_when_small_and_forwarded_whole_when_large() {
     init();
