@@ -409,8 +409,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("invalid upstream header name {:?}", h.name))?;
-        let start = h.value.as_ptr() as usize - base;
-        spans.push((name, start, start + h.value.len()));
+        // A value outside the head (an empty one may point anywhere) is taken as empty.
+        let (start, end) = match (h.value.as_ptr() as usize).checked_sub(base) {
+            Some(start) if start + h.value.len() <= n => (start, start + h.value.len()),
+            _ => (0, 0),
+        };
+        spans.push((name, start, end));
     }
     let bytes = buf.split_to(n).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
