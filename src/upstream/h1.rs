@@ -581,6 +581,22 @@ fn truncated() -> BoxError {
     "the upstream closed the connection before the end of the response body".into()
 }
 
+/// Reads more of a body that is not over yet: the connection closing now truncates it.
+fn poll_more(r: &mut Reading, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
+        Ok(0) => Poll::Ready(Err(truncated())),
+        Ok(_) => Poll::Ready(Ok(())),
+        Err(e) => Poll::Ready(Err(e.into())),
+    }
+}
+
+/// Up to `left` bytes off the front of `buf` (which holds some).
+fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    buf.split_to(n).freeze()
+}
+
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
@@ -595,104 +611,88 @@ impl http_body::Body for Body {
                 return Poll::Ready(None);
             };
             match &mut r.kind {
+                Kind::Length(0) => {
+                    this.finish();
+                    continue;
+                }
                 Kind::Length(left) => {
-                    if *left == 0 {
-                        this.finish();
-                        continue;
-                    }
-                    if r.conn.buf.is_empty() {
-                        match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
-                            Ok(0) => return fail(this, truncated()),
-                            Ok(_) => {}
-                            Err(e) => return fail(this, e.into()),
+                    if !r.conn.buf.is_empty() {
+                        let data = take(&mut r.conn.buf, left);
+                        if *left == 0 {
+                            this.finish();
                         }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    let take = (*left).min(r.conn.buf.len() as u64) as usize;
-                    *left -= take as u64;
-                    let data = r.conn.buf.split_to(take).freeze();
-                    if *left == 0 {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Kind::Close => {
-                    if r.conn.buf.is_empty() {
-                        match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
-                            Ok(0) => {
-                                this.reading = None;
-                                return Poll::Ready(None);
-                            }
-                            Ok(_) => {}
-                            Err(e) => return fail(this, e.into()),
-                        }
+                    if !r.conn.buf.is_empty() {
+                        let data = r.conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    let data = r.conn.buf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Kind::Chunked(state) => {
-                    let step: Option<()> = match state {
-                        Chunk::Size => match httparse::parse_chunk_size(&r.conn.buf) {
-                            Ok(httparse::Status::Complete((used, size))) => {
-                                r.conn.buf.advance(used);
-                                *state = if size == 0 {
-                                    Chunk::Trailers
-                                } else {
-                                    Chunk::Data(size)
-                                };
-                                continue;
-                            }
-                            Ok(httparse::Status::Partial) if r.conn.buf.len() < 1024 => None,
-                            _ => return fail(this, "invalid upstream chunk size".into()),
-                        },
-                        Chunk::Data(left) => {
-                            if r.conn.buf.is_empty() {
-                                None
-                            } else {
-                                let take = (*left).min(r.conn.buf.len() as u64) as usize;
-                                *left -= take as u64;
-                                if *left == 0 {
-                                    *state = Chunk::DataEnd;
-                                }
-                                let data = r.conn.buf.split_to(take).freeze();
-                                return Poll::Ready(Some(Ok(Frame::data(data))));
-                            }
-                        }
-                        Chunk::DataEnd => {
-                            if r.conn.buf.len() < 2 {
-                                None
-                            } else if &r.conn.buf[..2] == b"\r\n" {
-                                r.conn.buf.advance(2);
-                                *state = Chunk::Size;
-                                continue;
-                            } else {
-                                return fail(this, "invalid upstream chunk end".into());
-                            }
-                        }
-                        Chunk::Trailers => {
-                            // Trailer fields are dropped (hyper's server sends them only to
-                            // clients that ask with TE: trailers; the API sends none).
-                            match r.conn.buf.windows(2).position(|w| w == b"\r\n") {
-                                Some(0) => {
-                                    r.conn.buf.advance(2);
-                                    this.finish();
-                                    return Poll::Ready(None);
-                                }
-                                Some(i) => {
-                                    r.conn.buf.advance(i + 2);
-                                    continue;
-                                }
-                                None if r.conn.buf.len() < MAX_HEAD => None,
-                                None => return fail(this, "upstream trailers too large".into()),
-                            }
-                        }
-                    };
-                    debug_assert!(step.is_none());
                     match ready!(poll_fill(&mut r.conn, &mut r.read_size, cx)) {
-                        Ok(0) => return fail(this, truncated()),
-                        Ok(_) => {}
+                        Ok(0) => {
+                            this.reading = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => continue,
                         Err(e) => return fail(this, e.into()),
                     }
                 }
+                // Each arm either moves on (continue, return) or falls through for more bytes.
+                Kind::Chunked(state) => match state {
+                    Chunk::Size => match httparse::parse_chunk_size(&r.conn.buf) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            r.conn.buf.advance(used);
+                            *state = if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            };
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if r.conn.buf.len() < 1024 => {}
+                        _ => return fail(this, "invalid upstream chunk size".into()),
+                    },
+                    Chunk::Data(left) => {
+                        if !r.conn.buf.is_empty() {
+                            let data = take(&mut r.conn.buf, left);
+                            if *left == 0 {
+                                *state = Chunk::DataEnd;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    Chunk::DataEnd => {
+                        if r.conn.buf.len() >= 2 {
+                            if &r.conn.buf[..2] != b"\r\n" {
+                                return fail(this, "invalid upstream chunk end".into());
+                            }
+                            r.conn.buf.advance(2);
+                            *state = Chunk::Size;
+                            continue;
+                        }
+                    }
+                    Chunk::Trailers => {
+                        // Trailer fields are dropped (hyper's server sends them only to clients
+                        // that ask with TE: trailers; the API sends none).
+                        match r.conn.buf.windows(2).position(|w| w == b"\r\n") {
+                            Some(0) => {
+                                r.conn.buf.advance(2);
+                                this.finish();
+                                return Poll::Ready(None);
+                            }
+                            Some(i) => {
+                                r.conn.buf.advance(i + 2);
+                                continue;
+                            }
+                            None if r.conn.buf.len() < MAX_HEAD => {}
+                            None => return fail(this, "upstream trailers too large".into()),
+                        }
+                    }
+                },
+            }
+            if let Err(e) = ready!(poll_more(r, cx)) {
+                return fail(this, e);
             }
         }
     }
