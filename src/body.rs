@@ -93,8 +93,8 @@ pub struct Streaming {
 /// Where a streamed body comes from.
 #[allow(clippy::large_enum_variant)] // One per body, never moved once streaming.
 enum Source {
-    /// The client's request body (hyper's server).
-    Client(hyper::body::Incoming),
+    /// The client's request body.
+    Client(crate::server::RequestBody),
     /// An upstream response body.
     Upstream(crate::upstream::Body),
 }
@@ -123,7 +123,7 @@ impl Source {
 }
 
 impl Streaming {
-    pub fn new(inner: hyper::body::Incoming) -> Streaming {
+    pub fn new(inner: crate::server::RequestBody) -> Streaming {
         Streaming {
             head: None,
             inner: Source::Client(inner),
@@ -132,7 +132,7 @@ impl Streaming {
     }
 
     /// `head` was read from `inner` already and is sent first.
-    pub fn with_head(head: Bytes, inner: hyper::body::Incoming) -> Streaming {
+    pub fn with_head(head: Bytes, inner: crate::server::RequestBody) -> Streaming {
         Streaming {
             head: (!head.is_empty()).then_some(head),
             inner: Source::Client(inner),
@@ -147,8 +147,8 @@ impl Streaming {
     }
 }
 
-impl From<hyper::body::Incoming> for Streaming {
-    fn from(inner: hyper::body::Incoming) -> Streaming {
+impl From<crate::server::RequestBody> for Streaming {
+    fn from(inner: crate::server::RequestBody) -> Streaming {
         Streaming::new(inner)
     }
 }

@@ -61,6 +61,7 @@ const KNOWN_KEYS: &[&str] = &[
     "timeouts.response_headers",
     "timeouts.body_idle",
     "timeouts.request_headers",
+    "timeouts.client_idle",
     "timeouts.token_request",
     "retry",
     "retry.max_retries",
@@ -166,6 +167,8 @@ pub struct Timeouts {
     pub response_headers: Duration,
     pub body_idle: Duration,
     pub request_headers: Duration,
+    /// A keep-alive client connection with no new request this long is closed.
+    pub client_idle: Duration,
     pub token_request: Duration,
 }
 
@@ -671,6 +674,7 @@ impl Parser<'_> {
             response_headers: self.duration("timeouts.response_headers", Duration::from_secs(60)),
             body_idle: self.duration("timeouts.body_idle", Duration::from_secs(60)),
             request_headers: self.duration("timeouts.request_headers", Duration::from_secs(10)),
+            client_idle: self.duration("timeouts.client_idle", Duration::from_secs(75)),
             token_request: self.duration("timeouts.token_request", Duration::from_secs(10)),
         };
         let retry = RetryConfig {

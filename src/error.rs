@@ -31,6 +31,8 @@ pub enum ProxyError {
     BadRequest { detail: String },
     /// Inbound access control refused the client.
     Forbidden { detail: String },
+    /// The request head is larger than `limits.max_request_header_bytes` (or has too many fields).
+    HeadersTooLarge,
     /// The proxy is shutting down.
     ShuttingDown,
 }
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -59,6 +62,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::BadRequest { .. } => "bad_request",
             ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::HeadersTooLarge => "request_headers_too_large",
             ProxyError::ShuttingDown => "shutting_down",
         }
     }
@@ -76,6 +80,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => "aleph-proxy has too many requests in flight; retry later".into(),
             ProxyError::BadRequest { detail } => detail.clone(),
             ProxyError::Forbidden { detail } => detail.clone(),
+            ProxyError::HeadersTooLarge => "the request head is larger than aleph-proxy accepts (limits.max_request_header_bytes, at most 100 fields)".into(),
             ProxyError::ShuttingDown => "aleph-proxy is shutting down".into(),
         }
     }

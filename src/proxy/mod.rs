@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::server::h1::ClientBodyError;
+use crate::server::RequestBody as Incoming;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -605,19 +606,16 @@ fn request_body_stalled(e: &crate::upstream::Error) -> bool {
 }
 
 /// Did the send fail because the client's own streamed body failed (a bad chunk size, a client
-/// that hung up mid-body)? hyper reports a user body error caused by the inbound body's error.
-/// That is the client's fault: a 400, not a 502 that blames the upstream.
+/// that hung up mid-body)? That is the client's fault: a 400, not a 502 that blames the upstream.
+/// (HTTP/2 to the upstream: hyper reports a user body error caused by the client body's error.)
 fn client_body_failed(e: &crate::upstream::Error) -> bool {
     if e.is_client_body() {
         return true;
     }
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
-        if inner
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_user())
-        {
-            return inner.source().is_some_and(|c| c.is::<hyper::Error>());
+        if inner.is::<ClientBodyError>() {
+            return true;
         }
         source = inner.source();
     }

@@ -1,33 +1,33 @@
 //! Accept loops: HTTP/1.1 connections on the proxy listeners with a connection cap, a header read
-//! timeout (slowloris), a header size limit, optional CORS, and graceful draining on shutdown.
+//! timeout (slowloris), a keep-alive idle timeout, a header size limit, optional CORS, and
+//! graceful draining on shutdown. The connections themselves are served by [`h1`].
+
+pub mod h1;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tokio_util::task::TaskTracker;
+use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::config::Config;
 use crate::proxy::{self, Listener};
+pub use h1::RequestBody;
 
 /// Connection-level settings shared by every proxy listener.
 #[derive(Clone)]
 pub struct ConnSettings {
     pub connections: Arc<Semaphore>,
-    pub header_read_timeout: Duration,
-    pub max_header_bytes: usize,
+    pub limits: Arc<h1::Limits>,
     pub drain_timeout: Duration,
     pub cors: Option<CorsLayer>,
 }
-
 impl ConnSettings {
     pub fn new(config: &Config) -> ConnSettings {
         let cors = (!config.cors_allowed_origins.is_empty()).then(|| {
@@ -49,8 +49,11 @@ impl ConnSettings {
         });
         ConnSettings {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            header_read_timeout: config.timeouts.request_headers,
-            max_header_bytes: config.limits.max_request_header_bytes,
+            limits: Arc::new(h1::Limits {
+                header_timeout: config.timeouts.request_headers,
+                idle_timeout: config.timeouts.client_idle,
+                max_head: config.limits.max_request_header_bytes,
+            }),
             drain_timeout: config.drain_timeout,
             cors,
         }
@@ -58,21 +61,15 @@ impl ConnSettings {
 }
 
 /// Serves one proxy listener until `cancel`, then drains its connections for up to the drain
-/// timeout. Returns true when every connection finished in time.
+/// timeout: idle ones close at once, busy ones after their response. Returns true when every
+/// connection finished in time.
 pub async fn serve_proxy(
     tcp: TcpListener,
     state: Arc<Listener>,
     settings: ConnSettings,
     cancel: CancellationToken,
 ) -> bool {
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        // The header limit on its own: capping the whole read buffer at it (as before) also cut
-        // uploads into 64 KiB reads. The buffer keeps hyper's default (~400 KiB) for bodies.
-        .max_header_size(settings.max_header_bytes)
-        .keep_alive(true);
+    let tracker = TaskTracker::new();
     loop {
         let (stream, remote) = tokio::select! {
             biased;
@@ -94,21 +91,25 @@ pub async fn serve_proxy(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            service(state.clone(), remote, settings.cors.clone()),
-        );
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+        let state = state.clone();
+        let limits = settings.limits.clone();
+        let mut cors = settings
+            .cors
+            .as_ref()
+            .map(|layer| layer.layer(ProxyService::new(state.clone(), remote)));
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            h1::serve(stream, limits, cancel, |req| {
+                dispatch(&mut cors, &state, remote, req)
+            })
+            .await;
             drop(permit);
         });
     }
     drop(tcp);
+    tracker.close();
     tokio::select! {
-        _ = graceful.shutdown() => true,
+        _ = tracker.wait() => true,
         _ = tokio::time::sleep(settings.drain_timeout) => {
             tracing::warn!(
                 drain_timeout_s = settings.drain_timeout.as_secs_f64(),
@@ -119,16 +120,44 @@ pub async fn serve_proxy(
     }
 }
 
-/// The per-connection service: the proxy handler for one client address.
+/// One request to the proxy handler, through the CORS layer when there is one.
+fn dispatch(
+    cors: &mut Option<tower_http::cors::Cors<ProxyService>>,
+    state: &Arc<Listener>,
+    remote: SocketAddr,
+    req: http::Request<RequestBody>,
+) -> impl std::future::Future<
+    Output = Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible>,
+> + Send
+       + 'static {
+    match cors {
+        Some(svc) => {
+            // The proxy service is always ready; poll_ready keeps tower's contract.
+            let _ = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+                svc.poll_ready(cx)
+            }));
+            Either::Left(svc.call(req))
+        }
+        None => Either::Right(proxy::handle(state.clone(), remote, req)),
+    }
+}
+
+/// The proxy handler for one client address, as a tower service (for the CORS layer).
 #[derive(Clone)]
 pub struct ProxyService {
     state: Arc<Listener>,
     remote: SocketAddr,
 }
 
+impl ProxyService {
+    fn new(state: Arc<Listener>, remote: SocketAddr) -> ProxyService {
+        ProxyService { state, remote }
+    }
+}
+
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-impl tower::Service<http::Request<Incoming>> for ProxyService {
+impl tower::Service<http::Request<RequestBody>> for ProxyService {
     type Response = http::Response<crate::body::ProxyBody>;
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
@@ -140,18 +169,7 @@ impl tower::Service<http::Request<Incoming>> for ProxyService {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
         Box::pin(proxy::handle(self.state.clone(), self.remote, req))
     }
-}
-
-type HyperService =
-    TowerToHyperService<tower::util::Either<tower_http::cors::Cors<ProxyService>, ProxyService>>;
-
-fn service(state: Arc<Listener>, remote: SocketAddr, cors: Option<CorsLayer>) -> HyperService {
-    TowerToHyperService::new(
-        ServiceBuilder::new()
-            .option_layer(cors)
-            .service(ProxyService { state, remote }),
-    )
 }
