@@ -14,7 +14,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const PROXY_PREFIX: &str = "x-aleph-proxy-";
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -26,24 +26,43 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// One pass over the names finds which are present (most messages carry none but `Connection`);
+/// only those are removed. A `remove` hashes its name even when it is absent, and this runs twice
+/// per request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                if !name.is_empty() {
-                    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                        // Never let Connection remove end-to-end essentials we set ourselves.
-                        if n != AUTHORIZATION_TOKEN && n != CONTRACT_ID {
-                            headers.remove(n);
-                        }
-                    }
-                }
-            }
+    let mut present = [false; 8];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
         }
     }
-    for h in HOP_BY_HOP.iter() {
-        headers.remove(h);
+    if !any {
+        return;
+    }
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            // Never let Connection remove end-to-end essentials we set ourselves.
+            .filter(|n| *n != AUTHORIZATION_TOKEN && *n != CONTRACT_ID)
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for (h, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(h);
+        }
     }
 }
 

@@ -373,7 +373,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     }
     let uri = Uri::from_maybe_shared(bytes.slice(target.0..target.1))
         .map_err(|_| bad("malformed request target"))?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the headers the proxy injects (token, contract, request id), so the map is not
+    // grown (rehashed) per request.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
     for (name, (start, end)) in fields {
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| bad("malformed request header value"))?;
@@ -602,7 +604,9 @@ pub async fn serve<H, F>(
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
 
-        let Some(resp) = conn.respond(handler(req)).await else {
+        // Pinned where it is made: the handler's future is large, and moving it costs a copy.
+        let fut = pin!(handler(req));
+        let Some(resp) = conn.respond(fut).await else {
             // The client closed its connection while waiting: the request is abandoned.
             return;
         };
@@ -699,21 +703,26 @@ impl Conn {
 
     /// Runs the handler; None when the client hung up meanwhile (the handler is dropped, which
     /// abandons the upstream request).
-    async fn respond<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
-        let max_head = self.limits.max_head;
+    async fn respond<F: Future>(&mut self, mut fut: Pin<&mut F>) -> Option<F::Output> {
+        let mut watching = true;
         poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
             }
             // Watch for the client closing, once its request body is in (until then the body
-            // reader sees it). Bytes of a pipelined next request are kept.
-            let mut g = lock(&self.io);
-            while matches!(g.framing, Framing::Done) && g.buf.len() < max_head {
-                match g.poll_fill(READ_HEAD, cx) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Pending => break,
+            // reader sees it). A peek, not a read: the read buffer still backs the request's
+            // header values, so reading into it would allocate a new one per request. Bytes of
+            // a pipelined next request end the watch; they are read after the response.
+            if watching {
+                let mut g = lock(&self.io);
+                if matches!(g.framing, Framing::Done) {
+                    let mut byte = [0u8; 1];
+                    let mut rb = tokio::io::ReadBuf::new(&mut byte);
+                    match g.rd.poll_peek(cx, &mut rb) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Ready(Ok(_)) => watching = false,
+                        Poll::Pending => {}
+                    }
                 }
             }
             Poll::Pending
@@ -731,21 +740,14 @@ impl Conn {
     ) -> Result<bool, WriteFailed> {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
-        let mut headers = parts.headers;
-        let out = if is_head
+        let headers = parts.headers;
+        let none = is_head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            // The upstream's framing headers describe the body a GET would have had: kept.
-            if status == StatusCode::NO_CONTENT {
-                headers.remove(header::CONTENT_LENGTH);
-                headers.remove(header::TRANSFER_ENCODING);
-            }
+            || status == StatusCode::NOT_MODIFIED;
+        let out = if none {
             Out::None
         } else {
-            headers.remove(header::CONTENT_LENGTH);
-            headers.remove(header::TRANSFER_ENCODING);
             match body.size_hint().exact() {
                 Some(n) => Out::Length(n),
                 None if version == Version::HTTP_11 => Out::Chunked,
@@ -755,7 +757,10 @@ impl Conn {
         if out == Out::Close {
             keep_alive = false;
         }
-        headers.remove(header::CONNECTION);
+        // The framing and connection headers are the proxy's own, except that the upstream's
+        // describe the body a GET would have had for HEAD and 304: kept there. Skipped while
+        // writing rather than removed from the map (a removal hashes the name).
+        let keep_framing = none && status != StatusCode::NO_CONTENT;
 
         let w = &mut self.out;
         w.clear();
@@ -764,7 +769,15 @@ impl Conn {
         w.push(b' ');
         w.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
         w.extend_from_slice(b"\r\n");
+        let mut has_date = false;
         for (name, value) in headers.iter() {
+            if *name == header::CONNECTION
+                || (!keep_framing
+                    && (*name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING))
+            {
+                continue;
+            }
+            has_date |= *name == header::DATE;
             w.extend_from_slice(name.as_str().as_bytes());
             w.extend_from_slice(b": ");
             w.extend_from_slice(value.as_bytes());
@@ -784,7 +797,7 @@ impl Conn {
         } else if version == Version::HTTP_10 {
             w.extend_from_slice(b"connection: keep-alive\r\n");
         }
-        if !headers.contains_key(header::DATE) {
+        if !has_date {
             w.extend_from_slice(b"date: ");
             date(w);
             w.extend_from_slice(b"\r\n");

@@ -417,7 +417,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         spans.push((name, start, end));
     }
     let bytes = buf.split_to(n).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds on the way back (request id, rewritten links), so the map
+    // is not grown (rehashed) per response.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for (name, start, end) in spans {
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| format!("invalid upstream header value for {name}"))?;

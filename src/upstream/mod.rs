@@ -242,7 +242,9 @@ impl UpstreamClient {
         loop {
             let (conn, reused) = match pool.checkout() {
                 Some(c) => (c, true),
-                None => (pool.connect().await?, false),
+                // Boxed: connecting (TLS, the egress tunnel) is a large future, and every
+                // request's future would otherwise carry its size (and be copied with it).
+                None => (Box::pin(pool.connect()).await?, false),
             };
             match conn {
                 Conn::H2(mut tx) => {
