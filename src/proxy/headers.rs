@@ -49,7 +49,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|list| list.split(','))
             .map(str::trim)
-            .filter(|n| !n.is_empty())
+            // Connection options, not field names (Keep-Alive is hop-by-hop anyway): not
+            // parsed as names, which would allocate for every keep-alive response.
+            .filter(|n| {
+                !n.is_empty()
+                    && !n.eq_ignore_ascii_case("close")
+                    && !n.eq_ignore_ascii_case("keep-alive")
+            })
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             // Never let Connection remove end-to-end essentials we set ourselves.
             .filter(|n| *n != AUTHORIZATION_TOKEN && *n != CONTRACT_ID)

@@ -37,6 +37,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
+use crate::upstream::h1::span;
 
 /// Request header fields at most (hyper's limit); more is a 431.
 const MAX_HEADERS: usize = 100;
@@ -353,31 +354,31 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // The target and the values are slices of the head's bytes, not copies.
+    // The target, names and values are read back from the head's bytes once they are split
+    // off: the target and values as slices of them, not copies. The spans sit on the stack (no
+    // allocation per request).
     let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| match (s.as_ptr() as usize).checked_sub(base) {
-        Some(start) if start + s.len() <= n => (start, start + s.len()),
-        // An empty value may point anywhere: taken as empty.
-        _ => (0, 0),
-    };
-    let target = span(req.path.unwrap_or("").as_bytes());
-    let mut fields = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| bad("malformed request header name"))?;
-        fields.push((name, span(h.value)));
+    let target = span(base, n, req.path.unwrap_or("").as_bytes());
+    let count = req.headers.len();
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
+        let (ns, ne) = span(base, n, h.name.as_bytes());
+        let (vs, ve) = span(base, n, h.value);
+        *slot = (ns, ne, vs, ve);
     }
     let bytes = buf.split_to(n).freeze();
     if target.0 == target.1 {
         return Err(bad("empty request target"));
     }
-    let uri = Uri::from_maybe_shared(bytes.slice(target.0..target.1))
+    let uri = Uri::from_maybe_shared(bytes.slice(target.0 as usize..target.1 as usize))
         .map_err(|_| bad("malformed request target"))?;
     // Room for the headers the proxy injects (token, contract, request id), so the map is not
     // grown (rehashed) per request.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-    for (name, (start, end)) in fields {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
+            .map_err(|_| bad("malformed request header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| bad("malformed request header value"))?;
         headers.append(name, value);
     }

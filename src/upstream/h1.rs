@@ -403,25 +403,29 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     } else {
         Version::HTTP_11
     };
-    // Values are slices of the head's bytes, not copies.
+    // Names and values are read back from the head's bytes once they are split off: values as
+    // slices of them, not copies. The spans sit on the stack (no allocation per response).
     let base = buf.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("invalid upstream header name {:?}", h.name))?;
-        // A value outside the head (an empty one may point anywhere) is taken as empty.
-        let (start, end) = match (h.value.as_ptr() as usize).checked_sub(base) {
-            Some(start) if start + h.value.len() <= n => (start, start + h.value.len()),
-            _ => (0, 0),
-        };
-        spans.push((name, start, end));
+    let count = resp.headers.len();
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    for (slot, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        let (ns, ne) = span(base, n, h.name.as_bytes());
+        let (vs, ve) = span(base, n, h.value);
+        *slot = (ns, ne, vs, ve);
     }
     let bytes = buf.split_to(n).freeze();
     // Room for what the proxy adds on the way back (request id, rewritten links), so the map
     // is not grown (rehashed) per response.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    for (name, start, end) in spans {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+    let mut headers = HeaderMap::with_capacity(count + 4);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let raw_name = &bytes[ns as usize..ne as usize];
+        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+            format!(
+                "invalid upstream header name {:?}",
+                String::from_utf8_lossy(raw_name)
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| format!("invalid upstream header value for {name}"))?;
         headers.append(name, value);
     }
@@ -471,6 +475,15 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         kind,
         keep_alive,
     }))
+}
+
+/// Where `s` (a slice of a parsed head of `n` bytes starting at `base`) lies in the head. An
+/// empty slice may point anywhere: taken as empty.
+pub(crate) fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
+    match (s.as_ptr() as usize).checked_sub(base) {
+        Some(start) if start + s.len() <= n => (start as u32, (start + s.len()) as u32),
+        _ => (0, 0),
+    }
 }
 
 fn has_token(headers: &HeaderMap, token: &str) -> bool {
