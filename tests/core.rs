@@ -91,6 +91,17 @@ fn payload(n: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test]
 async fn methods_queries_and_multi_mib_bodies_are_forwarded_byte_for_byte() {
+    forwards_byte_for_byte().await;
+}
+
+/// The same on the multi-threaded runtime, where bodies past 1 MiB are read ahead by a task of
+/// their own (both ways here: the upload, and the echo coming back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_mib_bodies_read_ahead_on_several_threads_arrive_byte_for_byte() {
+    forwards_byte_for_byte().await;
+}
+
+async fn forwards_byte_for_byte() {
     let h = Harness::start("").await;
     let c = client();
     // A query with encoded, repeated and odd parameters must arrive exactly as sent.
