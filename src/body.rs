@@ -3,7 +3,7 @@
 //! and holds the request's in-flight slot until the last byte is sent.
 
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,19 +88,7 @@ pub struct Streaming {
     head: Option<Bytes>,
     inner: Source,
     idle: Option<IdleTimer>,
-    /// Bytes passed so far, until the body moves to read-ahead.
-    streamed: u64,
 }
-
-/// A streamed body that has passed this many bytes is read ahead by a task of its own when the
-/// runtime has several worker threads: reading one socket and writing the other then overlap on
-/// two cores, as they did with hyper's connection tasks. Small bodies (nearly all API calls)
-/// stay in the request's task, where they cost no channel and no wake-up.
-const READ_AHEAD_AFTER: u64 = 1024 * 1024;
-/// Chunks the read-ahead task may hold before the writer takes them (each up to 1 MiB).
-const READ_AHEAD_DEPTH: usize = 4;
-
-type Chunk = Result<Frame<Bytes>, BoxError>;
 
 /// Where a streamed body comes from.
 #[allow(clippy::large_enum_variant)] // One per body, never moved once streaming.
@@ -109,8 +97,6 @@ enum Source {
     Client(crate::server::RequestBody),
     /// An upstream response body.
     Upstream(crate::upstream::Body),
-    /// Either of those, read by a task of its own; the exact size left when known.
-    Ahead(tokio::sync::mpsc::Receiver<Chunk>, Option<u64>),
 }
 
 impl Source {
@@ -118,15 +104,6 @@ impl Source {
         match self {
             Source::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Source::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Source::Ahead(rx, left) => {
-                let chunk = ready!(rx.poll_recv(cx));
-                if let (Some(Ok(frame)), Some(left)) = (&chunk, left) {
-                    if let Some(data) = frame.data_ref() {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                }
-                Poll::Ready(chunk)
-            }
         }
     }
 
@@ -134,7 +111,6 @@ impl Source {
         match self {
             Source::Client(b) => b.is_end_stream(),
             Source::Upstream(b) => b.is_end_stream(),
-            Source::Ahead(rx, _) => rx.is_closed() && rx.is_empty(),
         }
     }
 
@@ -142,26 +118,7 @@ impl Source {
         match self {
             Source::Client(b) => b.size_hint(),
             Source::Upstream(b) => b.size_hint(),
-            Source::Ahead(_, Some(n)) => SizeHint::with_exact(*n),
-            Source::Ahead(_, None) => SizeHint::default(),
         }
-    }
-
-    /// Moves the source to a task that reads it ahead of the writer.
-    fn read_ahead(&mut self) {
-        let left = self.size_hint().exact();
-        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_DEPTH);
-        let mut source = std::mem::replace(self, Source::Ahead(rx, left));
-        tokio::spawn(async move {
-            // Ends when the body does, or when the writer went away (the receiver dropped):
-            // dropping the source then closes its connection, as dropping the body would.
-            while let Some(chunk) = std::future::poll_fn(|cx| source.poll_frame(cx)).await {
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
     }
 }
 
@@ -171,7 +128,6 @@ impl Streaming {
             head: None,
             inner: Source::Client(inner),
             idle: None,
-            streamed: 0,
         }
     }
 
@@ -181,7 +137,6 @@ impl Streaming {
             head: (!head.is_empty()).then_some(head),
             inner: Source::Client(inner),
             idle: None,
-            streamed: 0,
         }
     }
 
@@ -204,7 +159,6 @@ impl From<crate::upstream::Body> for Streaming {
             head: None,
             inner: Source::Upstream(inner),
             idle: None,
-            streamed: 0,
         }
     }
 }
@@ -225,12 +179,6 @@ impl Body for Streaming {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = &mut this.idle {
                     t.progress();
-                }
-                if this.streamed < READ_AHEAD_AFTER {
-                    this.streamed += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    if this.streamed >= READ_AHEAD_AFTER && multi_threaded() {
-                        this.inner.read_ahead();
-                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -263,15 +211,6 @@ impl Body for Streaming {
         }
         hint
     }
-}
-
-/// Does the runtime have more than one worker thread (so a read-ahead task can run beside the
-/// writer)?
-fn multi_threaded() -> bool {
-    tokio::runtime::Handle::try_current().is_ok_and(|h| {
-        h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            && h.metrics().num_workers() > 1
-    })
 }
 
 /// Measures how long the sender of a body has kept the reader waiting. Armed when a poll finds no
