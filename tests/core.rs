@@ -94,10 +94,10 @@ async fn methods_queries_and_multi_mib_bodies_are_forwarded_byte_for_byte() {
     forwards_byte_for_byte().await;
 }
 
-/// The same on the multi-threaded runtime, where bodies past 1 MiB are read ahead by a task of
-/// their own (both ways here: the upload, and the echo coming back).
+/// The same on the multi-threaded runtime (the default on a multi-core machine): the request
+/// body is read by whichever worker polls the upstream writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_mib_bodies_read_ahead_on_several_threads_arrive_byte_for_byte() {
+async fn multi_mib_bodies_on_several_worker_threads_arrive_byte_for_byte() {
     forwards_byte_for_byte().await;
 }
 
