@@ -45,8 +45,8 @@ const MAX_HEADERS: usize = 100;
 const READ_HEAD: usize = 8 * 1024;
 /// Bytes asked of the socket per read of a request body: at first, and at most. A read that
 /// fills what was asked doubles the next one (large uploads move in large reads).
-const READ_MIN: usize = 16 * 1024;
-const READ_MAX: usize = 512 * 1024;
+const READ_MIN: usize = 64 * 1024;
+const READ_MAX: usize = 1024 * 1024;
 /// Response body chunks up to this size are copied next to the head (or the chunk before), so a
 /// small response leaves in one write; larger ones go out with a vectored write.
 const COALESCE: usize = 32 * 1024;
