@@ -55,7 +55,9 @@ def count(bench, name, port, pid, conns, seconds):
         new = set(glob.glob(f"{bench.work}/{name}.cg.{pid}*")) - before
         if new:
             time.sleep(0.5)  # the dump is written in one go; let it finish
-            return total_ir(sorted(new)[-1]) / max(r["requests"], 1), r["requests"]
+            if r["requests"] == 0:
+                raise SystemExit(f"{name}: no request completed under callgrind")
+            return total_ir(sorted(new)[-1]) / r["requests"], r["requests"]
         time.sleep(0.1)
     raise SystemExit(f"{name}: no callgrind dump")
 
