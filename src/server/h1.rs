@@ -482,6 +482,8 @@ fn is_only_chunked(headers: &HeaderMap) -> bool {
 struct Deadline {
     sleep: Pin<Box<Sleep>>,
     at: Instant,
+    /// The timer holds this task's waker: until it fires, checking `is_elapsed` is enough.
+    armed: bool,
 }
 
 impl Deadline {
@@ -489,19 +491,27 @@ impl Deadline {
         Deadline {
             sleep: Box::pin(tokio::time::sleep_until(at)),
             at,
+            armed: false,
         }
     }
 
     fn set(&mut self, at: Instant) {
         if at < self.sleep.deadline() {
             self.sleep.as_mut().reset(at);
+            self.armed = false;
         }
         self.at = at;
     }
 
+    /// The connection's task is the only one ever polling this timer, so once a poll has
+    /// registered its waker, the timer wakes the task when it fires: until then no poll is needed.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.armed && !self.sleep.is_elapsed() {
+            return false;
+        }
         loop {
             if self.sleep.as_mut().poll(cx).is_pending() {
+                self.armed = true;
                 return false;
             }
             if Instant::now() >= self.at {
@@ -536,6 +546,8 @@ struct Conn {
     out: Vec<u8>,
     limits: Arc<Limits>,
     deadline: Deadline,
+    /// The shutdown signal has this task's waker.
+    cancel_armed: bool,
 }
 
 /// Serves one client connection until it closes, fails, times out or `cancel` fires between
@@ -566,12 +578,13 @@ pub async fn serve<H, F>(
         out: Vec::new(),
         limits,
         deadline,
+        cancel_armed: false,
     };
     let mut cancelled = pin!(cancel.clone().cancelled_owned());
     let mut first = true;
     let mut generation = 0u64;
     loop {
-        let head = match conn.read_head(first, cancelled.as_mut()).await {
+        let head = match conn.read_head(first, &cancel, cancelled.as_mut()).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(refusal) => return conn.refuse(refusal).await,
@@ -659,6 +672,7 @@ impl Conn {
     async fn read_head(
         &mut self,
         first: bool,
+        cancel: &tokio_util::sync::CancellationToken,
         mut cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
     ) -> Result<Option<Head>, Refusal> {
         let max_head = self.limits.max_head;
@@ -694,8 +708,18 @@ impl Conn {
                 }
             }
             drop(g);
-            if self.deadline.poll_expired(cx) || cancelled.as_mut().poll(cx).is_ready() {
+            if self.deadline.poll_expired(cx) {
                 return Poll::Ready(Ok(None));
+            }
+            // The same for shutdown: polled once, it holds the task's waker.
+            if self.cancel_armed {
+                if cancel.is_cancelled() {
+                    return Poll::Ready(Ok(None));
+                }
+            } else if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(None));
+            } else {
+                self.cancel_armed = true;
             }
             Poll::Pending
         })
