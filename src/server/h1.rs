@@ -375,51 +375,75 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     // Room for the headers the proxy injects (token, contract, request id), so the map is not
     // grown (rehashed) per request.
     let mut headers = HeaderMap::with_capacity(count + 4);
+    // The fields that decide framing and keep-alive are read as the map is built: looking them
+    // up afterwards would hash their names again, several times per request.
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    let mut te_codings = 0u32;
+    let mut te_chunked_only = true;
+    let mut cl_values = 0u32;
+    let mut cl: Result<Option<u64>, &'static str> = Ok(None);
+    let mut expect_continue = false;
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| bad("malformed request header name"))?;
+        let raw = &bytes[vs as usize..ve as usize];
+        if name == header::CONNECTION {
+            for t in raw.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                conn_close |= t.eq_ignore_ascii_case(b"close");
+                conn_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            for c in raw.split(|b| *b == b',').map(|c| c.trim_ascii()) {
+                te_codings += 1;
+                te_chunked_only &= c.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::CONTENT_LENGTH {
+            for part in raw.split(|b| *b == b',') {
+                cl_values += 1;
+                cl = match (cl, parse_length(part.trim_ascii())) {
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err("malformed Content-Length"),
+                    (Ok(Some(l)), Some(n)) if l != n => Err("differing Content-Lengths"),
+                    (Ok(_), Some(n)) => Ok(Some(n)),
+                };
+            }
+        } else if name == header::EXPECT {
+            // Answered here (100 Continue when the body is first read), never forwarded.
+            expect_continue =
+                version == Version::HTTP_11 && raw.eq_ignore_ascii_case(b"100-continue");
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| bad("malformed request header value"))?;
         headers.append(name, value);
     }
 
     let mut keep_alive = if version == Version::HTTP_11 {
-        !has_token(&headers, header::CONNECTION, "close")
+        !conn_close
     } else {
-        has_token(&headers, header::CONNECTION, "keep-alive")
+        conn_keep_alive && !conn_close
     };
-    let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
+    let framing = if te_codings > 0 {
         if version == Version::HTTP_10 {
             return Err(bad(
                 "Transfer-Encoding is not allowed in an HTTP/1.0 request",
             ));
         }
-        if !is_only_chunked(&headers) {
+        if !(te_chunked_only && te_codings == 1) {
             return Err(bad(
                 "only Transfer-Encoding: chunked is accepted in a request",
             ));
         }
         // RFC 9112 6.3: chunked wins, and such a message must not leave the connection open.
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if cl_values > 0 {
+            headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
         Framing::Chunked(Chunk::Size)
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        let mut length = None;
-        let mut values = 0;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            for part in v.as_bytes().split(|b| *b == b',') {
-                let n = parse_length(part.trim_ascii())
-                    .ok_or_else(|| bad("malformed Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad("differing Content-Lengths"));
-                }
-                length = Some(n);
-                values += 1;
-            }
-        }
-        let length = length.unwrap_or(0);
-        if values > 1 {
+    } else if cl_values > 0 {
+        let length = cl.map_err(bad)?.unwrap_or(0);
+        if cl_values > 1 {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         if length == 0 {
@@ -429,12 +453,6 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         }
     } else {
         Framing::Done
-    };
-    let expect_continue = match headers.remove(header::EXPECT) {
-        Some(v) => {
-            version == Version::HTTP_11 && v.as_bytes().eq_ignore_ascii_case(b"100-continue")
-        }
-        None => false,
     };
     Ok(Some(Head {
         method,
@@ -461,20 +479,6 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
             .split(|b| *b == b',')
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
-}
-
-/// Transfer-Encoding is exactly one coding, `chunked` (the request body is forwarded decoded,
-/// so no other coding could be passed on faithfully).
-fn is_only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|c| c.trim_ascii());
-    codings
-        .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-        && codings.next().is_none()
 }
 
 /// One timer per connection for the header and keep-alive timeouts. Moving the deadline later

@@ -417,6 +417,13 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     // Room for what the proxy adds on the way back (request id, rewritten links), so the map
     // is not grown (rehashed) per response.
     let mut headers = HeaderMap::with_capacity(count + 4);
+    // The fields that decide framing and reuse are read as the map is built: looking them up
+    // afterwards would hash their names again, several times per response.
+    let mut conn_close = false;
+    let mut te_seen = false;
+    let mut last_chunked = false;
+    let mut cl_seen = false;
+    let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let raw_name = &bytes[ns as usize..ne as usize];
         let name = HeaderName::from_bytes(raw_name).map_err(|_| {
@@ -425,45 +432,58 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
                 String::from_utf8_lossy(raw_name)
             )
         })?;
+        let raw = &bytes[vs as usize..ve as usize];
+        if name == header::CONNECTION {
+            conn_close |= raw
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name == header::TRANSFER_ENCODING {
+            te_seen = true;
+            last_chunked = raw
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONTENT_LENGTH {
+            cl_seen = true;
+            for part in raw.split(|b| *b == b',') {
+                let n = std::str::from_utf8(part.trim_ascii())
+                    .ok()
+                    .and_then(|p| p.parse::<u64>().ok());
+                cl = match (cl, n) {
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err("invalid upstream Content-Length"),
+                    (Ok(Some(l)), Some(n)) if l != n => Err("differing upstream Content-Lengths"),
+                    (Ok(_), Some(n)) => Ok(Some(n)),
+                };
+            }
+        }
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| format!("invalid upstream header value for {name}"))?;
         headers.append(name, value);
     }
 
-    let mut keep_alive = version == Version::HTTP_11 && !has_token(&headers, "close");
+    let mut keep_alive = version == Version::HTTP_11 && !conn_close;
     let kind = if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Kind::Length(0)
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if te_seen {
         // RFC 9112 6.1: Transfer-Encoding overrides Content-Length, and such a message must not
         // leave the connection reusable.
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if cl_seen {
+            headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        if last_coding_is_chunked(&headers) {
+        if last_chunked {
             Kind::Chunked(Chunk::Size)
         } else {
             keep_alive = false;
             Kind::Close
         }
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        let mut length = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            for part in v.to_str().unwrap_or("x").split(',') {
-                let n: u64 = part
-                    .trim()
-                    .parse()
-                    .map_err(|_| "invalid upstream Content-Length".to_string())?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("differing upstream Content-Lengths".into());
-                }
-                length = Some(n);
-            }
-        }
-        Kind::Length(length.unwrap_or(0))
+    } else if cl_seen {
+        Kind::Length(cl.map_err(str::to_string)?.unwrap_or(0))
     } else {
         keep_alive = false;
         Kind::Close
@@ -484,25 +504,6 @@ pub(crate) fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
         Some(start) if start + s.len() <= n => (start as u32, (start + s.len()) as u32),
         _ => (0, 0),
     }
-}
-
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .unwrap_or("")
-            .split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    })
-}
-
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
 }
 
 impl Parsed {
