@@ -11,6 +11,7 @@
 //! - [`server`]: accept loops, connection limits, header timeouts, CORS, draining.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`error`]: the proxy's own errors and their one JSON shape.
+//! - [`http1`]: the chunked coding decoder and head spans both HTTP/1.1 sides share.
 //! - [`body`]: body types of the forwarding path (streaming, idle timeout, replay).
 //! - [`telemetry`]: logging and the metrics recorder.
 //! - [`mock`]: an in-process mock of the Aleph API and its token endpoint (`demo`, tests).
@@ -22,6 +23,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod http1;
 pub mod mock;
 pub mod proxy;
 pub mod rewrite;

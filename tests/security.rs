@@ -1057,7 +1057,7 @@ async fn exposed_listener_without_guard_warns_at_startup() {
 // ---------------------------------------------------------------------------------------------
 
 /// Classic smuggling shapes (CL.TE, TE.CL, duplicate or conflicting Content-Length, obfuscated
-/// Transfer-Encoding, bad chunk sizes). hyper refuses most with a 400; for Content-Length beside
+/// Transfer-Encoding, bad chunk sizes). The proxy refuses most with a 400; for Content-Length beside
 /// `Transfer-Encoding: chunked` it follows RFC 9112 6.3 (chunked wins, the length is dropped) and
 /// closes the connection after the response. Either way: at most one response per connection,
 /// the connection closed, and the smuggled request never reaches the upstream.
@@ -1125,7 +1125,7 @@ async fn smuggling_attempts_never_reach_the_upstream() {
             [c] if (400..500).contains(c) => {
                 assert!(forwarded.is_empty(), "{what}: refused yet forwarded")
             }
-            // Forwarded as hyper framed it: one request, the body per Transfer-Encoding.
+            // Forwarded as the proxy framed it: one request, the body per Transfer-Encoding.
             [200] => {
                 assert_eq!(forwarded.len(), 1, "{what}");
                 assert_eq!(forwarded[0].uri.path(), "/echo/x", "{what}");
@@ -1229,7 +1229,7 @@ async fn bad_header_bytes_get_400_and_reach_no_upstream() {
     ];
     for (what, request) in &cases {
         let r = raw_exchange(h.proxy, request).await;
-        // hyper answers 400 to what it cannot parse; to an HTTP/2 preface it just closes.
+        // The proxy answers 400 to what it cannot parse; to an HTTP/2 preface it just closes.
         let expected = if what.starts_with("HTTP/2") {
             vec![]
         } else {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -37,7 +37,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
-use crate::upstream::h1::span;
+use crate::http1::{span, take, Chunk, Decoded};
 
 /// Request header fields at most (hyper's limit); more is a 431.
 const MAX_HEADERS: usize = 100;
@@ -103,18 +103,6 @@ enum Framing {
     Failed,
 }
 
-#[derive(Debug)]
-enum Chunk {
-    /// A chunk-size line is next.
-    Size,
-    /// This many bytes of chunk data are left.
-    Data(u64),
-    /// The CRLF after chunk data is next.
-    DataEnd,
-    /// Trailer lines until the empty line; the count of trailer bytes so far.
-    Trailers(usize),
-}
-
 fn lock(io: &Mutex<Io>) -> MutexGuard<'_, Io> {
     io.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -166,56 +154,14 @@ impl Io {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
-                Framing::Chunked(state) => match state {
-                    Chunk::Size => match httparse::parse_chunk_size(&self.buf) {
-                        Ok(httparse::Status::Complete((used, size))) => {
-                            self.buf.advance(used);
-                            *state = if size == 0 {
-                                Chunk::Trailers(0)
-                            } else {
-                                Chunk::Data(size)
-                            };
-                            continue;
-                        }
-                        Ok(httparse::Status::Partial) if self.buf.len() < 1024 => {}
-                        _ => return self.fail("invalid chunk size in the request body"),
-                    },
-                    Chunk::Data(left) => {
-                        if !self.buf.is_empty() {
-                            let data = take(&mut self.buf, left);
-                            if *left == 0 {
-                                *state = Chunk::DataEnd;
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
+                Framing::Chunked(state) => match state.decode(&mut self.buf, MAX_TRAILERS) {
+                    Decoded::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Decoded::End => {
+                        self.framing = Framing::Done;
+                        return Poll::Ready(None);
                     }
-                    Chunk::DataEnd => {
-                        if self.buf.len() >= 2 {
-                            if &self.buf[..2] != b"\r\n" {
-                                return self.fail("invalid chunk end in the request body");
-                            }
-                            self.buf.advance(2);
-                            *state = Chunk::Size;
-                            continue;
-                        }
-                    }
-                    Chunk::Trailers(seen) => {
-                        // Trailer fields are dropped (the API uses none).
-                        match self.buf.windows(2).position(|w| w == b"\r\n") {
-                            Some(0) => {
-                                self.buf.advance(2);
-                                self.framing = Framing::Done;
-                                return Poll::Ready(None);
-                            }
-                            Some(i) if *seen + i + 2 <= MAX_TRAILERS => {
-                                *seen += i + 2;
-                                self.buf.advance(i + 2);
-                                continue;
-                            }
-                            None if *seen + self.buf.len() <= MAX_TRAILERS => {}
-                            _ => return self.fail("request trailers too large"),
-                        }
-                    }
+                    Decoded::More => {}
+                    Decoded::Invalid(why) => return self.fail(why),
                 },
             }
             let want = self.read_size;
@@ -230,13 +176,6 @@ impl Io {
             }
         }
     }
-}
-
-/// Up to `left` bytes off the front of `buf` (which holds some).
-fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
-    let n = (*left).min(buf.len() as u64) as usize;
-    *left -= n as u64;
-    buf.split_to(n).freeze()
 }
 
 /// A request body, read from the client connection as it is polled.

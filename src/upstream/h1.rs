@@ -24,6 +24,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 use crate::body::{BoxError, PassBody};
+use crate::http1::{span, take, Chunk, Decoded};
 
 /// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel).
 pub type Io = hyper_util::rt::TokioIo<
@@ -497,15 +498,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     }))
 }
 
-/// Where `s` (a slice of a parsed head of `n` bytes starting at `base`) lies in the head. An
-/// empty slice may point anywhere: taken as empty.
-pub(crate) fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
-    match (s.as_ptr() as usize).checked_sub(base) {
-        Some(start) if start + s.len() <= n => (start as u32, (start + s.len()) as u32),
-        _ => (0, 0),
-    }
-}
-
 impl Parsed {
     fn into_response(self, conn: Box<Conn>, idle: &std::sync::Arc<Idle>) -> Response<Body> {
         let mut body = Body {
@@ -537,17 +529,6 @@ enum Kind {
     Length(u64),
     Chunked(Chunk),
     Close,
-}
-
-enum Chunk {
-    /// A chunk-size line is next.
-    Size,
-    /// This many bytes of chunk data are left.
-    Data(u64),
-    /// The CRLF after chunk data is next.
-    DataEnd,
-    /// Trailer lines until the empty line.
-    Trailers,
 }
 
 struct Reading {
@@ -606,13 +587,6 @@ fn poll_more(r: &mut Reading, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>
     }
 }
 
-/// Up to `left` bytes off the front of `buf` (which holds some).
-fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
-    let n = (*left).min(buf.len() as u64) as usize;
-    *left -= n as u64;
-    buf.split_to(n).freeze()
-}
-
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = BoxError;
@@ -654,56 +628,15 @@ impl http_body::Body for Body {
                         Err(e) => return fail(this, e.into()),
                     }
                 }
-                // Each arm either moves on (continue, return) or falls through for more bytes.
-                Kind::Chunked(state) => match state {
-                    Chunk::Size => match httparse::parse_chunk_size(&r.conn.buf) {
-                        Ok(httparse::Status::Complete((used, size))) => {
-                            r.conn.buf.advance(used);
-                            *state = if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            };
-                            continue;
-                        }
-                        Ok(httparse::Status::Partial) if r.conn.buf.len() < 1024 => {}
-                        _ => return fail(this, "invalid upstream chunk size".into()),
-                    },
-                    Chunk::Data(left) => {
-                        if !r.conn.buf.is_empty() {
-                            let data = take(&mut r.conn.buf, left);
-                            if *left == 0 {
-                                *state = Chunk::DataEnd;
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
+                Kind::Chunked(state) => match state.decode(&mut r.conn.buf, MAX_HEAD) {
+                    Decoded::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Decoded::End => {
+                        this.finish();
+                        return Poll::Ready(None);
                     }
-                    Chunk::DataEnd => {
-                        if r.conn.buf.len() >= 2 {
-                            if &r.conn.buf[..2] != b"\r\n" {
-                                return fail(this, "invalid upstream chunk end".into());
-                            }
-                            r.conn.buf.advance(2);
-                            *state = Chunk::Size;
-                            continue;
-                        }
-                    }
-                    Chunk::Trailers => {
-                        // Trailer fields are dropped (hyper's server sends them only to clients
-                        // that ask with TE: trailers; the API sends none).
-                        match r.conn.buf.windows(2).position(|w| w == b"\r\n") {
-                            Some(0) => {
-                                r.conn.buf.advance(2);
-                                this.finish();
-                                return Poll::Ready(None);
-                            }
-                            Some(i) => {
-                                r.conn.buf.advance(i + 2);
-                                continue;
-                            }
-                            None if r.conn.buf.len() < MAX_HEAD => {}
-                            None => return fail(this, "upstream trailers too large".into()),
-                        }
+                    Decoded::More => {}
+                    Decoded::Invalid(why) => {
+                        return fail(this, format!("upstream response body: {why}").into())
                     }
                 },
             }

@@ -1,0 +1,163 @@
+//! HTTP/1.1 pieces both sides of the proxy share: the chunked transfer coding (RFC 9112
+//! section 7.1) as an incremental decoder, and where a parsed field lies in its head.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// A chunk-size line longer than this (extensions included) is refused.
+const MAX_SIZE_LINE: usize = 1024;
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug)]
+pub enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of chunk data are left.
+    Data(u64),
+    /// The CRLF after chunk data is next.
+    DataEnd,
+    /// Trailer lines until the empty line; the count of trailer bytes so far.
+    Trailers(usize),
+}
+
+/// What [`Chunk::decode`] found in the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// A piece of chunk data.
+    Data(Bytes),
+    /// The body ended (the last chunk and the trailer section were read; trailers are dropped).
+    End,
+    /// More bytes are needed.
+    More,
+    /// The coding is broken.
+    Invalid(&'static str),
+}
+
+impl Chunk {
+    /// Decodes from the front of `buf` as far as it goes: chunk data comes out as slices of the
+    /// buffer, not copies. Trailer sections over `max_trailers` bytes are refused.
+    pub fn decode(&mut self, buf: &mut BytesMut, max_trailers: usize) -> Decoded {
+        loop {
+            match self {
+                Chunk::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *self = if size == 0 {
+                            Chunk::Trailers(0)
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_SIZE_LINE => {
+                        return Decoded::More
+                    }
+                    _ => return Decoded::Invalid("invalid chunk size"),
+                },
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Decoded::More;
+                    }
+                    let data = take(buf, left);
+                    if *left == 0 {
+                        *self = Chunk::DataEnd;
+                    }
+                    return Decoded::Data(data);
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Decoded::More;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Decoded::Invalid("invalid chunk end");
+                    }
+                    buf.advance(2);
+                    *self = Chunk::Size;
+                }
+                Chunk::Trailers(seen) => match buf.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        buf.advance(2);
+                        return Decoded::End;
+                    }
+                    Some(i) if *seen + i + 2 <= max_trailers => {
+                        *seen += i + 2;
+                        buf.advance(i + 2);
+                    }
+                    None if *seen + buf.len() <= max_trailers => return Decoded::More,
+                    _ => return Decoded::Invalid("trailer section too large"),
+                },
+            }
+        }
+    }
+}
+
+/// Up to `left` bytes off the front of `buf` (which holds some).
+pub fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    buf.split_to(n).freeze()
+}
+
+/// Where `s` (a slice of a parsed head of `n` bytes starting at `base`) lies in the head. An
+/// empty slice may point anywhere: taken as empty.
+pub fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
+    match (s.as_ptr() as usize).checked_sub(base) {
+        Some(start) if start + s.len() <= n => (start as u32, (start + s.len()) as u32),
+        _ => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `wire` in pieces of `step` bytes; returns the data and how the body ended.
+    fn decode_in_steps(wire: &[u8], step: usize) -> (Vec<u8>, Decoded) {
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        for piece in wire.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                match state.decode(&mut buf, 64) {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::More => break,
+                    end => return (data, end),
+                }
+            }
+        }
+        (data, Decoded::More)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 100] {
+            let (data, end) = decode_in_steps(wire, step);
+            assert_eq!(data, b"hello world", "step {step}");
+            assert_eq!(end, Decoded::End, "step {step}");
+        }
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut state = Chunk::Size;
+        while state.decode(&mut buf, 64) != Decoded::End {}
+        assert_eq!(
+            &buf[..],
+            b"NEXT",
+            "bytes after the body are left for the next message"
+        );
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_refused() {
+        for (wire, why) in [
+            (&b"zz\r\nab\r\n0\r\n\r\n"[..], "invalid chunk size"),
+            (b"fffffffffffffffffffff\r\nx\r\n0\r\n\r\n", "invalid chunk size"),
+            (b"2\r\nabXY0\r\n\r\n", "invalid chunk end"),
+            (
+                b"0\r\nx-a: 0123456789012345678901234567890123456789012345678901234567890123\r\n\r\n",
+                "trailer section too large",
+            ),
+        ] {
+            let (_, end) = decode_in_steps(wire, 100);
+            assert_eq!(end, Decoded::Invalid(why), "{:?}", String::from_utf8_lossy(wire));
+        }
+    }
+}
