@@ -14,17 +14,97 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Every response the proxy sends has this body type.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// Every response the proxy sends has this body type: any body, boxed, or an upstream body
+/// passed through unchanged, which the client connection may splice (`crate::splice`).
+pub struct ProxyBody(Inner);
+
+enum Inner {
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    Pass(Streamed<Streaming, crate::proxy::InFlight>),
+}
+
+impl ProxyBody {
+    pub fn new<B>(body: B) -> ProxyBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        ProxyBody(Inner::Boxed(body.map_err(Into::into).boxed_unsync()))
+    }
+
+    /// An upstream body streamed to the client as it is.
+    pub fn pass(body: Streamed<Streaming, crate::proxy::InFlight>) -> ProxyBody {
+        ProxyBody(Inner::Pass(body))
+    }
+
+    /// The rest of the body can be spliced: see [`Streaming::can_splice`].
+    pub fn can_splice(&self) -> bool {
+        match &self.0 {
+            Inner::Pass(b) => b.inner.can_splice(),
+            Inner::Boxed(_) => false,
+        }
+    }
+}
+
+impl Default for ProxyBody {
+    fn default() -> ProxyBody {
+        empty()
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Inner::Boxed(b) => Pin::new(b).poll_frame(cx),
+            Inner::Pass(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Boxed(b) => b.is_end_stream(),
+            Inner::Pass(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Boxed(b) => b.size_hint(),
+            Inner::Pass(b) => b.size_hint(),
+        }
+    }
+}
+
+impl crate::splice::Source for ProxyBody {
+    type Error = BoxError;
+
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut crate::splice::Pipe,
+    ) -> Poll<Result<usize, BoxError>> {
+        match &mut self.0 {
+            Inner::Pass(b) => {
+                let r = b.inner.poll_fill(cx, pipe);
+                b.timer.watch(r, cx)
+            }
+            Inner::Boxed(_) => Poll::Ready(Err("body cannot be spliced".into())),
+        }
+    }
+}
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|e| match e {})
-        .boxed_unsync()
+    ProxyBody::new(Full::new(bytes.into()))
 }
 
 pub fn empty() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+    ProxyBody::new(Empty::<Bytes>::new())
 }
 
 /// A body passing through the proxy: a request body on its way upstream, or an upstream response.
@@ -147,6 +227,39 @@ impl Streaming {
     }
 }
 
+impl Streaming {
+    /// The rest of the body can be moved socket to socket (`crate::splice`): an upstream
+    /// response with nothing of it held in memory, whose source can (a Content-Length body on
+    /// plain TCP, nothing buffered). Request bodies are copied: spliced, uploads were no faster
+    /// and no cheaper (BENCHMARKS.md).
+    pub fn can_splice(&self) -> bool {
+        self.head.is_none()
+            && match &self.inner {
+                Source::Upstream(b) => b.can_splice(),
+                Source::Client(_) => false,
+            }
+    }
+}
+
+impl crate::splice::Source for Streaming {
+    type Error = BoxError;
+
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut crate::splice::Pipe,
+    ) -> Poll<Result<usize, BoxError>> {
+        let r = match &mut self.inner {
+            Source::Upstream(b) => b.poll_fill(cx, pipe),
+            Source::Client(_) => Poll::Ready(Err("a request body is not spliced".into())),
+        };
+        match &mut self.idle {
+            Some(t) => t.watch(r, cx),
+            None => r,
+        }
+    }
+}
+
 impl From<crate::server::RequestBody> for Streaming {
     fn from(inner: crate::server::RequestBody) -> Streaming {
         Streaming::new(inner)
@@ -235,6 +348,24 @@ impl IdleTimer {
 
     fn progress(&mut self) {
         self.armed = false;
+    }
+
+    /// Passes on a splice step's result, failing it when the sender has kept the reader
+    /// waiting for `idle` (the same rule as for frames).
+    fn watch(
+        &mut self,
+        r: Poll<Result<usize, BoxError>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<usize, BoxError>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.progress();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(Box::new(IdleTimeout(self.idle)))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Called when the sender has nothing: true once it has had nothing for `idle`.

@@ -13,6 +13,7 @@
 //! - [`error`]: the proxy's own errors and their one JSON shape.
 //! - [`http1`]: the chunked coding decoder and head spans both HTTP/1.1 sides share.
 //! - [`body`]: body types of the forwarding path (streaming, idle timeout, replay).
+//! - [`splice`]: large response bodies moved socket to socket (`splice(2)`, Linux).
 //! - [`telemetry`]: logging and the metrics recorder.
 //! - [`mock`]: an in-process mock of the Aleph API and its token endpoint (`demo`, tests).
 //! - [`cli`]: the command line.
@@ -29,6 +30,7 @@ pub mod proxy;
 pub mod rewrite;
 pub mod secret;
 pub mod server;
+pub mod splice;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;

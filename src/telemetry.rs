@@ -109,6 +109,11 @@ fn describe() {
         "aleph_proxy_connections_rejected_total",
         "Connections closed at once because limits.max_connections was reached"
     );
+    describe_counter!(
+        "aleph_proxy_spliced_bytes_total",
+        Unit::Bytes,
+        "Response body bytes moved socket to socket by the kernel (splice), not copied through the proxy"
+    );
 
     // The exporter renders a series only once it exists. Create the label-less ones at zero now,
     // so the first scrape already lists them: a counter born on its first event hides that event
@@ -119,6 +124,7 @@ fn describe() {
         "aleph_proxy_token_invalidations_total",
         "aleph_proxy_links_rewritten_total",
         "aleph_proxy_connections_rejected_total",
+        "aleph_proxy_spliced_bytes_total",
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -319,3 +319,89 @@ async fn a_reused_connection_that_drops_a_request_is_retried_for_idempotent_meth
     let posts = up.seen().iter().filter(|r| *r == "POST /order").count();
     assert_eq!(posts, 1, "a POST is never sent twice");
 }
+
+/// `len` body bytes of a repeating pattern.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// A 200 announcing `announced` body bytes and carrying `len` of them (leaked: the scripts
+/// take static bytes).
+fn large_response(len: usize, announced: usize) -> &'static [u8] {
+    let mut v = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: image/tiff\r\ncontent-length: {announced}\r\n\r\n"
+    )
+    .into_bytes();
+    v.extend(pattern(len));
+    Box::leak(v.into_boxed_slice())
+}
+
+/// The proxy's `aleph_proxy_spliced_bytes_total`.
+async fn spliced(h: &support::Harness) -> u64 {
+    let text = client()
+        .get(h.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("aleph_proxy_spliced_bytes_total "))
+        .expect("aleph_proxy_spliced_bytes_total is exported")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_move_socket_to_socket_whole_and_keep_their_connection() {
+    const LEN: usize = 3 * 1024 * 1024 + 5;
+    let big = large_response(LEN, LEN);
+    let up = Upstream::start(move |line, _| match line {
+        "GET /big" => Step::Reply(big),
+        _ => Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let before = spliced(&h).await;
+    for _ in 0..2 {
+        let r = client().get(h.url("/big")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], LEN.to_string().as_str());
+        let body = r.bytes().await.unwrap();
+        assert!(
+            body[..] == pattern(LEN)[..],
+            "the body arrives byte for byte"
+        );
+    }
+    assert_eq!(get_text(&h.url("/small")).await, (200, "ok".into()));
+    // Each body ended exactly where it said: the connection served all three requests.
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1);
+    assert_eq!(up.closed.load(Ordering::SeqCst), 0);
+    if cfg!(target_os = "linux") {
+        // All but what arrived with each head moved by the kernel.
+        let moved = spliced(&h).await - before;
+        assert!(moved >= 2 * (LEN as u64 - 256 * 1024), "spliced {moved}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_the_upstream_cuts_short_is_cut_for_the_client() {
+    let cut = large_response(1024 * 1024, 3 * 1024 * 1024);
+    let up = Upstream::start(move |line, _| match line {
+        "GET /big" => Step::ReplyAndClose(cut),
+        _ => Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let r = client().get(h.url("/big")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.bytes().await.is_err(),
+        "a body cut short must not look complete"
+    );
+    // The next request gets a fresh connection and a whole answer.
+    assert_eq!(get_text(&h.url("/small")).await, (200, "ok".into()));
+    assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+}

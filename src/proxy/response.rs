@@ -131,7 +131,7 @@ impl ResponsePolicy {
                                 tail: body,
                                 _guard: guard,
                             };
-                            return Response::from_parts(parts, chained.boxed_unsync());
+                            return Response::from_parts(parts, ProxyBody::new(chained));
                         }
                     }
                 }
@@ -146,7 +146,7 @@ impl ResponsePolicy {
                         >(
                             e
                         )]));
-                    return Response::from_parts(parts, failed.boxed_unsync());
+                    return Response::from_parts(parts, ProxyBody::new(failed));
                 }
                 None => break,
             }
@@ -229,7 +229,7 @@ fn rewrite_headers(rw: &Rewriter, base: &str, headers: &mut HeaderMap) {
 fn stream(body: PassBody, timeouts: &Timeouts, guard: InFlight) -> ProxyBody {
     match body {
         PassBody::Buffered(b) => body::full(b),
-        PassBody::Streaming(inc) => Streamed::new(inc, timeouts.body_idle, guard).boxed_unsync(),
+        PassBody::Streaming(inc) => ProxyBody::pass(Streamed::new(inc, timeouts.body_idle, guard)),
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
 use crate::http1::{span, take, Chunk, Decoded};
+use crate::splice;
 
 /// Request header fields at most (hyper's limit); more is a 431.
 const MAX_HEADERS: usize = 100;
@@ -782,6 +783,17 @@ impl Conn {
             _ => u64::MAX,
         };
         loop {
+            // A large body passing through unchanged moves socket to socket.
+            if matches!(out, Out::Length(_)) && left >= splice::MIN && body.can_splice() {
+                if let Ok(pipe) = splice::Pipe::new() {
+                    let moved = self.splice(&mut body, pipe).await?;
+                    if moved > left {
+                        return Err(WriteFailed::Body);
+                    }
+                    left -= moved;
+                    continue;
+                }
+            }
             let out_pending = !self.out.is_empty();
             let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(f) => Poll::Ready(Some(f)),
@@ -846,6 +858,33 @@ impl Conn {
         }
         self.flush().await?;
         Ok(keep_alive)
+    }
+
+    /// Moves the rest of `body` to the client socket to socket (`crate::splice`), after what
+    /// is buffered; returns the bytes moved. A failed body ends the response as in the frame
+    /// path (the client sees it cut short).
+    async fn splice(
+        &mut self,
+        body: &mut ProxyBody,
+        mut pipe: splice::Pipe,
+    ) -> Result<u64, WriteFailed> {
+        self.flush().await?;
+        let io = &self.io;
+        let mut moved = 0u64;
+        let r = poll_fn(|cx| {
+            let g = lock(io);
+            splice::poll_copy(cx, &mut pipe, body, g.wr.as_ref(), &mut moved)
+        })
+        .await;
+        metrics::counter!("aleph_proxy_spliced_bytes_total").increment(moved);
+        match r {
+            Ok(()) => Ok(moved),
+            Err(splice::CopyError::Destination(_)) => Err(WriteFailed::Io),
+            Err(splice::CopyError::Source(e)) => {
+                tracing::debug!(error = %e, "response body failed; cutting the response");
+                Err(WriteFailed::Body)
+            }
+        }
     }
 
     /// Writes out the buffered bytes.

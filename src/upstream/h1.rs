@@ -69,6 +69,15 @@ impl Conn {
         })
     }
 
+    /// The TCP socket, when the connection is plain TCP (not TLS): the one bodies can be
+    /// spliced into and out of.
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self.io.inner() {
+            hyper_rustls::MaybeHttpsStream::Http(tcp) => Some(tcp.inner()),
+            hyper_rustls::MaybeHttpsStream::Https(_) => None,
+        }
+    }
+
     /// Still usable after lying idle: nothing to read (no EOF, no stray bytes, no error).
     /// A single non-blocking poll; tokio remembers that the socket was drained, so this makes
     /// no system call in the usual case.
@@ -330,9 +339,9 @@ async fn write_body(
     framing: Framing,
     mut sent: u64,
 ) -> Result<(), WriteError> {
-    let mut body = std::pin::pin!(body);
+    let mut body = body;
     loop {
-        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let data = match frame {
             None => break,
             Some(Err(e)) => return Err(WriteError::Body(e)),
@@ -554,6 +563,51 @@ impl Body {
             }
         }
     }
+}
+
+impl Body {
+    /// The rest of the body can be spliced to the client (`crate::splice`): a Content-Length
+    /// body with bytes to go, none of them in the read buffer, on a plain TCP connection.
+    pub fn can_splice(&self) -> bool {
+        self.reading.as_ref().is_some_and(|r| {
+            matches!(r.kind, Kind::Length(n) if n > 0)
+                && r.conn.buf.is_empty()
+                && r.conn.tcp().is_some()
+        })
+    }
+}
+
+impl crate::splice::Source for Body {
+    type Error = BoxError;
+
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut crate::splice::Pipe,
+    ) -> Poll<Result<usize, BoxError>> {
+        let Some(r) = self.reading.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        let (Kind::Length(left), Some(tcp)) = (&mut r.kind, r.conn.tcp()) else {
+            return Poll::Ready(Err("response body cannot be spliced".into()));
+        };
+        match ready!(pipe.poll_fill(cx, tcp, left)) {
+            Ok(0) if *left > 0 => fail_fill(self, truncated()),
+            Ok(n) => {
+                if *left == 0 {
+                    // All of it read: the connection is at a message boundary again.
+                    self.finish();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => fail_fill(self, e.into()),
+        }
+    }
+}
+
+fn fail_fill(body: &mut Body, e: BoxError) -> Poll<Result<usize, BoxError>> {
+    body.reading = None;
+    Poll::Ready(Err(e))
 }
 
 /// Reads more of the socket into the connection's buffer; Ok(0) at end of stream.

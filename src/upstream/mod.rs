@@ -197,6 +197,31 @@ pub enum Body {
     H2(Incoming),
 }
 
+impl Body {
+    /// The rest of the body can be spliced to the client: see [`h1::Body::can_splice`].
+    pub fn can_splice(&self) -> bool {
+        match self {
+            Body::H1(b) => b.can_splice(),
+            Body::H2(_) => false,
+        }
+    }
+}
+
+impl crate::splice::Source for Body {
+    type Error = BoxError;
+
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut crate::splice::Pipe,
+    ) -> Poll<Result<usize, BoxError>> {
+        match self {
+            Body::H1(b) => b.poll_fill(cx, pipe),
+            Body::H2(_) => Poll::Ready(Err("an HTTP/2 body cannot be spliced".into())),
+        }
+    }
+}
+
 impl http_body::Body for Body {
     type Data = bytes::Bytes;
     type Error = BoxError;
