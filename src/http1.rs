@@ -1,7 +1,46 @@
 //! HTTP/1.1 pieces both sides of the proxy share: the chunked transfer coding (RFC 9112
-//! section 7.1) as an incremental decoder, and where a parsed field lies in its head.
+//! section 7.1) as an incremental decoder, where a parsed field lies in its head, and the header
+//! maps that finished messages hand back for the next ones.
+
+use std::cell::RefCell;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+
+/// Header maps kept per thread for reuse, at most.
+const SPARE_MAPS: usize = 32;
+/// A map that grew past room for this many fields is freed instead of kept.
+const SPARE_MAX_FIELDS: usize = 64;
+
+thread_local! {
+    static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `fields`: one a finished message left on this thread when
+/// there is one. A header map is two allocations of up to a few KiB, larger than the
+/// allocator's fast per-thread caches take; two per request cost about a twentieth of the
+/// proxy's instructions per request before maps were reused (BENCHMARKS.md).
+pub fn header_map(fields: usize) -> HeaderMap {
+    match SPARE.with(|s| s.borrow_mut().pop()) {
+        Some(map) if map.capacity() >= fields => map,
+        _ => HeaderMap::with_capacity(fields),
+    }
+}
+
+/// Hands a header map that is no longer needed back for [`header_map`].
+pub fn recycle(mut map: HeaderMap) {
+    let room = map.capacity();
+    if room == 0 || room > SPARE_MAX_FIELDS {
+        return;
+    }
+    map.clear();
+    SPARE.with(|s| {
+        let mut spare = s.borrow_mut();
+        if spare.len() < SPARE_MAPS {
+            spare.push(map);
+        }
+    });
+}
 
 /// A chunk-size line longer than this (extensions included) is refused.
 const MAX_SIZE_LINE: usize = 1024;
@@ -108,6 +147,27 @@ pub fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_header_maps_come_back_empty() {
+        let mut map = header_map(8);
+        map.insert("authorizationtoken", "Bearer secret".parse().unwrap());
+        map.append("x-a", "1".parse().unwrap());
+        map.append("x-a", "2".parse().unwrap());
+        let room = map.capacity();
+        recycle(map);
+        let again = header_map(4);
+        assert!(
+            again.is_empty(),
+            "a reused map carries nothing of its last message"
+        );
+        assert_eq!(again.capacity(), room, "and keeps its room");
+        // A map that grew large is freed, not kept.
+        let mut big = http::HeaderMap::with_capacity(200);
+        big.insert("x-b", "1".parse().unwrap());
+        recycle(big);
+        assert!(header_map(1).capacity() < 200);
+    }
 
     /// Feeds `wire` in pieces of `step` bytes; returns the data and how the body ended.
     fn decode_in_steps(wire: &[u8], step: usize) -> (Vec<u8>, Decoded) {

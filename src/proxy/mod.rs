@@ -486,6 +486,8 @@ async fn forward(
                 continue;
             }
         }
+        // The request's header map is done with: the next request's head reuses it.
+        crate::http1::recycle(std::mem::take(&mut parts.headers));
         return Ok((resp.map(|b| PassBody::Streaming(b.into())), method));
     }
 }

@@ -273,9 +273,10 @@ fn bad(detail: impl Into<String>) -> Refusal {
 
 /// Parses a complete request head off the front of `buf`; None when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refusal> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let n = match req.parse(buf) {
+    // Uninitialised: zeroing 100 slots would cost more than parsing a small head.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refusal::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -314,7 +315,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         .map_err(|_| bad("malformed request target"))?;
     // Room for the headers the proxy injects (token, contract, request id), so the map is not
     // grown (rehashed) per request.
-    let mut headers = HeaderMap::with_capacity(count + 4);
+    let mut headers = crate::http1::header_map(count + 4);
     // The fields that decide framing and keep-alive are read as the map is built: looking them
     // up afterwards would hash their names again, several times per request.
     let mut conn_close = false;
@@ -772,6 +773,7 @@ impl Conn {
             w.extend_from_slice(b"\r\n");
         }
         w.extend_from_slice(b"\r\n");
+        crate::http1::recycle(headers);
 
         if out == Out::None {
             drop(body);

@@ -398,9 +398,12 @@ struct Parsed {
 
 /// Parses a complete response head off the front of `buf`; None when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, String> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let n = match resp.parse(buf) {
+    // Uninitialised: zeroing 100 slots would cost more than parsing a small head.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("invalid upstream response head: {e}")),
@@ -426,7 +429,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     let bytes = buf.split_to(n).freeze();
     // Room for what the proxy adds on the way back (request id, rewritten links), so the map
     // is not grown (rehashed) per response.
-    let mut headers = HeaderMap::with_capacity(count + 4);
+    let mut headers = crate::http1::header_map(count + 4);
     // The fields that decide framing and reuse are read as the map is built: looking them up
     // afterwards would hash their names again, several times per response.
     let mut conn_close = false;
