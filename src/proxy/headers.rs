@@ -25,6 +25,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The lengths of the names in `HOP_BY_HOP`: most fields are ruled out by theirs alone, without
+/// comparing them with eight names.
+fn hop_by_hop_length(len: usize) -> bool {
+    matches!(len, 2 | 7 | 10 | 16 | 17 | 19)
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 ///
 /// One pass over the names finds which are present (most messages carry none but `Connection`);
@@ -34,6 +40,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; 8];
     let mut any = false;
     for name in headers.keys() {
+        if !hop_by_hop_length(name.as_str().len()) {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
             any = true;
@@ -119,13 +128,39 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let mut id = [0u8; 32];
-    let mut n = rand::random::<u128>();
-    for b in id.iter_mut().rev() {
-        *b = b"0123456789abcdef"[(n & 0xf) as usize];
-        n >>= 4;
+    let id = IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        if ids.is_empty() {
+            *ids = id_block();
+        }
+        ids.split_to(ID_LEN)
+    });
+    HeaderValue::from_maybe_shared(id).expect("hex is a valid header value")
+}
+
+const ID_LEN: usize = 32;
+/// Fresh request ids are made this many at a time, in one buffer that they share: an id then
+/// costs no allocation of its own, and copies of it (the upstream request, the response, the
+/// log line) share its bytes instead of allocating a shared copy each.
+const IDS_PER_BLOCK: usize = 64;
+
+thread_local! {
+    static IDS: std::cell::RefCell<bytes::Bytes> = const { std::cell::RefCell::new(bytes::Bytes::new()) };
+}
+
+/// `IDS_PER_BLOCK` random ids of 32 hex digits (128 random bits each), back to back.
+fn id_block() -> bytes::Bytes {
+    let mut block = Vec::with_capacity(ID_LEN * IDS_PER_BLOCK);
+    for _ in 0..IDS_PER_BLOCK {
+        let mut id = [0u8; ID_LEN];
+        let mut n = rand::random::<u128>();
+        for b in id.iter_mut().rev() {
+            *b = b"0123456789abcdef"[(n & 0xf) as usize];
+            n >>= 4;
+        }
+        block.extend_from_slice(&id);
     }
-    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
+    bytes::Bytes::from(block)
 }
 
 #[cfg(test)]
@@ -175,6 +210,13 @@ mod tests {
     }
 
     #[test]
+    fn every_hop_by_hop_name_passes_the_length_filter() {
+        for h in &HOP_BY_HOP {
+            assert!(hop_by_hop_length(h.as_str().len()), "{h}");
+        }
+    }
+
+    #[test]
     fn request_ids() {
         let mut h = HeaderMap::new();
         assert_eq!(request_id(&h).len(), 32);
@@ -185,5 +227,17 @@ mod tests {
             HeaderValue::from_static("bad value with spaces"),
         );
         assert_ne!(request_id(&h), "bad value with spaces");
+    }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_across_blocks() {
+        let h = HeaderMap::new();
+        let ids: std::collections::HashSet<_> =
+            (0..IDS_PER_BLOCK * 3 + 5).map(|_| request_id(&h)).collect();
+        assert_eq!(ids.len(), IDS_PER_BLOCK * 3 + 5);
+        for id in &ids {
+            assert_eq!(id.len(), ID_LEN);
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        }
     }
 }
