@@ -330,9 +330,18 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
             .map_err(|_| bad("malformed request header name"))?;
         let raw = &bytes[vs as usize..ve as usize];
         if name == header::CONNECTION {
+            let mut names_fields = false;
             for t in raw.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                conn_close |= t.eq_ignore_ascii_case(b"close");
-                conn_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                let close = t.eq_ignore_ascii_case(b"close");
+                let keep = t.eq_ignore_ascii_case(b"keep-alive");
+                conn_close |= close;
+                conn_keep_alive |= keep;
+                names_fields |= !(close || keep || t.is_empty());
+            }
+            // Hop-by-hop: consumed here. Kept in the map only when it names fields that must
+            // be stripped with it (headers::strip_hop_by_hop).
+            if !names_fields {
+                continue;
             }
         } else if name == header::TRANSFER_ENCODING {
             for c in raw.split(|b| *b == b',').map(|c| c.trim_ascii()) {
@@ -1152,6 +1161,22 @@ mod tests {
         assert_eq!(h.headers["x-empty"], "");
         assert!(h.expect_continue);
         assert!(h.headers.get("expect").is_none());
+    }
+
+    #[test]
+    fn connection_is_consumed_unless_it_names_fields() {
+        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.headers.get("connection").is_none());
+        assert!(h.keep_alive);
+        // Fields it names must be stripped with it: kept for headers::strip_hop_by_hop.
+        let h =
+            parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close, x-drop\r\nX-Drop: 1\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(h.headers["connection"], "close, x-drop");
+        assert!(!h.keep_alive);
     }
 
     #[test]

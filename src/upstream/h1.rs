@@ -447,9 +447,17 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         })?;
         let raw = &bytes[vs as usize..ve as usize];
         if name == header::CONNECTION {
-            conn_close |= raw
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            let mut names_fields = false;
+            for t in raw.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                let close = t.eq_ignore_ascii_case(b"close");
+                conn_close |= close;
+                names_fields |= !(close || t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive"));
+            }
+            // Hop-by-hop: consumed here. Kept in the map only when it names fields that must
+            // be stripped with it (headers::strip_hop_by_hop).
+            if !names_fields {
+                continue;
+            }
         } else if name == header::TRANSFER_ENCODING {
             te_seen = true;
             last_chunked = raw
@@ -774,6 +782,24 @@ mod tests {
         );
         assert!(h.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{h}");
         assert_eq!(h.matches("content-length").count(), 1, "{h}");
+    }
+
+    #[test]
+    fn connection_is_consumed_unless_it_names_fields() {
+        let headers = |raw: &str| {
+            let mut buf = BytesMut::from(raw);
+            let p = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+            (p.headers, p.keep_alive)
+        };
+        let (h, keep) =
+            headers("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(h.get("connection").is_none());
+        assert!(keep);
+        let (h, keep) = headers(
+            "HTTP/1.1 200 OK\r\nconnection: close, x-drop\r\nx-drop: 1\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert_eq!(h["connection"], "close, x-drop");
+        assert!(!keep);
     }
 
     #[test]
