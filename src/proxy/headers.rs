@@ -81,7 +81,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares the client's headers for the upstream: strips hop-by-hop and Host, every client
+/// Prepares the client's headers for the upstream: strips hop-by-hop headers, every client
 /// credential (`authorizationToken`, `Authorization`, `Cookie` is kept: it is not a credential of
 /// this API), the inbound access key, and the contract header unless the client may override it;
 /// then injects the proxy's token and contract. Returns the client's contract header when it was
@@ -94,7 +94,9 @@ pub fn prepare_request(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
+    // Host stays in the map (access checks and link rewriting read it); the upstream request
+    // is written with the upstream's own (upstream::h1::write_head, and `:authority` for
+    // HTTP/2, where the map's Host is removed).
     headers.remove(header::AUTHORIZATION);
     headers.remove(access_key_header);
     // `insert` replaces every client-sent value, whatever its case or count.
@@ -202,7 +204,6 @@ mod tests {
         assert!(!format!("{h:?}").contains("Bearer proxy"));
         assert!(h.get("authorization").is_none());
         assert!(h.get("x-aleph-proxy-key").is_none());
-        assert!(h.get("host").is_none());
         assert!(h.get("x-drop").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h["x-keep"], "1");

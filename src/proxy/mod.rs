@@ -226,20 +226,23 @@ pub async fn handle(
             }
         };
         let status = resp.status();
-        let latency_ms = started.map(|s| s.elapsed().as_secs_f64() * 1000.0);
         count_request(&method, status);
-        let proxy_error = resp
-            .headers()
-            .get(crate::error::ERROR_HEADER)
-            .and_then(|v| v.to_str().ok());
-        tracing::info!(
-            method = %method,
-            path = %uri.path(),
-            status = status.as_u16(),
-            latency_ms,
-            proxy_error,
-            "request"
-        );
+        if let Some(started) = started {
+            // Only for the log line: no header lookup when the access log is off.
+            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let proxy_error = resp
+                .headers()
+                .get(crate::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok());
+            tracing::info!(
+                method = %method,
+                path = %uri.path(),
+                status = status.as_u16(),
+                latency_ms,
+                proxy_error,
+                "request"
+            );
+        }
         if listener.shared.draining.load(Ordering::Relaxed) {
             // Tell keep-alive clients to reconnect elsewhere while draining.
             resp.headers_mut()

@@ -280,6 +280,7 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body: &PassBody) -> Framing {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(head.host.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut client_length = false;
     for (name, value) in head.headers {
         // Framing is the proxy's own (below); Host is the upstream's; the client's Expect was
         // answered by the proxy, which sends the body at once.
@@ -287,6 +288,7 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body: &PassBody) -> Framing {
             *name,
             header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::HOST | header::EXPECT
         ) {
+            client_length |= *name == header::CONTENT_LENGTH;
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -303,7 +305,7 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body: &PassBody) -> Framing {
     };
     match framing {
         Framing::Length(0)
-            if !head.headers.contains_key(header::CONTENT_LENGTH)
+            if !client_length
                 && !matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");

@@ -285,6 +285,8 @@ impl UpstreamClient {
                     *req.method_mut() = method.clone();
                     *req.uri_mut() = uri;
                     *req.headers_mut() = headers.clone();
+                    // The client's Host names the proxy; the upstream's is in `:authority`.
+                    req.headers_mut().remove(http::header::HOST);
                     return tx
                         .send_request(req)
                         .await
