@@ -301,7 +301,16 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let base = buf.as_ptr() as usize;
     let target = span(base, n, req.path.unwrap_or("").as_bytes());
     let count = req.headers.len();
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // On the stack for the usual few fields (zeroing room for all of them would cost more
+    // than parsing a small head), on the heap past that.
+    let mut inline = [(0u32, 0u32, 0u32, 0u32); 24];
+    let mut heap = Vec::new();
+    let spans: &mut [(u32, u32, u32, u32)] = if count <= inline.len() {
+        &mut inline[..count]
+    } else {
+        heap.resize(count, (0, 0, 0, 0));
+        &mut heap
+    };
     for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
         let (ns, ne) = span(base, n, h.name.as_bytes());
         let (vs, ve) = span(base, n, h.value);
@@ -325,7 +334,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut cl_values = 0u32;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     let mut expect_continue = false;
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in spans.iter() {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| bad("malformed request header name"))?;
         let raw = &bytes[vs as usize..ve as usize];
@@ -1161,6 +1170,18 @@ mod tests {
         assert_eq!(h.headers["x-empty"], "");
         assert!(h.expect_continue);
         assert!(h.headers.get("expect").is_none());
+    }
+
+    #[test]
+    fn heads_with_many_fields_keep_them_all() {
+        let mut raw = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..60 {
+            raw.push_str(&format!("X-F{i}: v{i}\r\n"));
+        }
+        raw.push_str("\r\n");
+        let h = parse(&raw).unwrap().unwrap();
+        assert_eq!(h.headers.len(), 61);
+        assert_eq!(h.headers["x-f59"], "v59");
     }
 
     #[test]

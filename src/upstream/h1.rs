@@ -422,7 +422,16 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     // slices of them, not copies. The spans sit on the stack (no allocation per response).
     let base = buf.as_ptr() as usize;
     let count = resp.headers.len();
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // On the stack for the usual few fields (zeroing room for all of them would cost more
+    // than parsing a small head), on the heap past that.
+    let mut inline = [(0u32, 0u32, 0u32, 0u32); 24];
+    let mut heap = Vec::new();
+    let spans: &mut [(u32, u32, u32, u32)] = if count <= inline.len() {
+        &mut inline[..count]
+    } else {
+        heap.resize(count, (0, 0, 0, 0));
+        &mut heap
+    };
     for (slot, h) in spans.iter_mut().zip(resp.headers.iter()) {
         let (ns, ne) = span(base, n, h.name.as_bytes());
         let (vs, ve) = span(base, n, h.value);
@@ -439,7 +448,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     let mut last_chunked = false;
     let mut cl_seen = false;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in spans.iter() {
         let raw_name = &bytes[ns as usize..ne as usize];
         let name = HeaderName::from_bytes(raw_name).map_err(|_| {
             format!(
@@ -784,6 +793,19 @@ mod tests {
         );
         assert!(h.ends_with("\r\ncontent-length: 5\r\n\r\n"), "{h}");
         assert_eq!(h.matches("content-length").count(), 1, "{h}");
+    }
+
+    #[test]
+    fn responses_with_many_fields_keep_them_all() {
+        let mut raw = String::from("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n");
+        for i in 0..60 {
+            raw.push_str(&format!("x-f{i}: v{i}\r\n"));
+        }
+        raw.push_str("\r\n");
+        let mut buf = BytesMut::from(raw.as_str());
+        let p = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(p.headers.len(), 61);
+        assert_eq!(p.headers["x-f59"], "v59");
     }
 
     #[test]
