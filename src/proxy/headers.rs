@@ -97,8 +97,20 @@ pub fn prepare_request(
     // Host stays in the map (access checks and link rewriting read it); the upstream request
     // is written with the upstream's own (upstream::h1::write_head, and `:authority` for
     // HTTP/2, where the map's Host is removed).
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(access_key_header);
+    // The client credentials to strip are found in one pass over the names (usually there are
+    // none): a `remove` hashes its name even when it is absent.
+    let key_len = access_key_header.as_str().len();
+    let (mut authorization, mut key) = (false, false);
+    for name in headers.keys() {
+        authorization |= *name == header::AUTHORIZATION;
+        key |= name.as_str().len() == key_len && name == access_key_header;
+    }
+    if authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if key {
+        headers.remove(access_key_header);
+    }
     // `insert` replaces every client-sent value, whatever its case or count.
     headers.insert(AUTHORIZATION_TOKEN, token.clone());
     match contract {

@@ -353,11 +353,13 @@ async fn forward(
     loop {
         // Retries wait and request bodies take time to read: a token that became unusable since it
         // was taken is replaced (waiting for the refresher, bounded) rather than injected expired.
-        if !token.is_usable(tokio::time::Instant::now()) {
+        let mut now = tokio::time::Instant::now();
+        if !token.is_usable(now) {
             token = l.tokens.token().await?;
             parts
                 .headers
                 .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
+            now = tokio::time::Instant::now();
         }
         let replay = body.as_ref().and_then(|b| b.try_clone());
         let this_body = match replay {
@@ -365,7 +367,8 @@ async fn forward(
             None => body.take().ok_or(ProxyError::UpstreamUnreachable)?,
         };
         let can_replay = body.is_some();
-        let sent = tokio::time::Instant::now();
+        // Nothing waited since `now` was read.
+        let sent = now;
         let result = tokio::time::timeout_at(
             sent + shared.timeouts.response_headers,
             shared
