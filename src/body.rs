@@ -92,10 +92,7 @@ impl crate::splice::Source for ProxyBody {
         pipe: &mut crate::splice::Pipe,
     ) -> Poll<Result<usize, BoxError>> {
         match &mut self.0 {
-            Inner::Pass(b) => {
-                let r = b.inner.poll_fill(cx, pipe);
-                b.timer.watch(r, cx)
-            }
+            Inner::Pass(b) => b.poll_fill(cx, pipe),
             Inner::Boxed(_) => Poll::Ready(Err("body cannot be spliced".into())),
         }
     }
@@ -251,13 +248,11 @@ impl crate::splice::Source for Streaming {
         cx: &mut Context<'_>,
         pipe: &mut crate::splice::Pipe,
     ) -> Poll<Result<usize, BoxError>> {
-        let r = match &mut self.inner {
+        // No idle timer here: only request bodies carry one, and they are not spliced. A
+        // response's is the `Streamed` around it.
+        match &mut self.inner {
             Source::Upstream(b) => b.poll_fill(cx, pipe),
             Source::Client(_) => Poll::Ready(Err("a request body is not spliced".into())),
-        };
-        match &mut self.idle {
-            Some(t) => t.watch(r, cx),
-            None => r,
         }
     }
 }
@@ -406,6 +401,23 @@ impl<B, G> Streamed<B, G> {
             timer: IdleTimer::new(idle),
             _guard: guard,
         }
+    }
+}
+
+impl<B, G> crate::splice::Source for Streamed<B, G>
+where
+    B: crate::splice::Source<Error = BoxError>,
+{
+    type Error = BoxError;
+
+    /// The same idle rule as for frames: only waits on the sender count.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &mut crate::splice::Pipe,
+    ) -> Poll<Result<usize, BoxError>> {
+        let r = self.inner.poll_fill(cx, pipe);
+        self.timer.watch(r, cx)
     }
 }
 

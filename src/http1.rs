@@ -144,6 +144,39 @@ pub fn span(base: usize, n: usize, s: &[u8]) -> (u32, u32) {
     }
 }
 
+/// A field's span in its head: (name start, name end, value start, value end).
+pub type FieldSpan = (u32, u32, u32, u32);
+
+/// Room for the spans of the usual few fields, on the caller's stack (zeroing room for all of
+/// them would cost more than parsing a small head); more go on the heap.
+pub const INLINE_FIELDS: usize = 24;
+
+/// Where each field of a parsed head lies in its `n` bytes at `base`, taken while httparse's
+/// fields still borrow the read buffer, so that names and values can be read back as slices of
+/// the head once it is split off, not copies. The spans go in `inline` when they fit, else in
+/// `heap` (both the caller's: nothing is moved or allocated for a small head).
+#[inline(always)]
+pub fn field_spans<'a>(
+    base: usize,
+    n: usize,
+    fields: &[httparse::Header<'_>],
+    inline: &'a mut [FieldSpan; INLINE_FIELDS],
+    heap: &'a mut Vec<FieldSpan>,
+) -> &'a [FieldSpan] {
+    let slots: &mut [FieldSpan] = if fields.len() <= INLINE_FIELDS {
+        &mut inline[..fields.len()]
+    } else {
+        heap.resize(fields.len(), (0, 0, 0, 0));
+        heap
+    };
+    for (slot, h) in slots.iter_mut().zip(fields) {
+        let (ns, ne) = span(base, n, h.name.as_bytes());
+        let (vs, ve) = span(base, n, h.value);
+        *slot = (ns, ne, vs, ve);
+    }
+    slots
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{client, eventually, Harness};
+use support::{eventually, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -292,19 +292,12 @@ async fn a_client_hanging_up_abandons_its_request() {
     s.write_all(b"GET /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
-    let metrics = h.admin_url("/metrics");
     let in_flight = |want: &'static str| {
-        let metrics = metrics.clone();
+        let h = &h;
         async move {
-            let text = client()
-                .get(&metrics)
-                .send()
+            h.metrics()
                 .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            text.lines()
+                .lines()
                 .any(|l| l.starts_with("aleph_proxy_in_flight_requests ") && l.ends_with(want))
         }
     };

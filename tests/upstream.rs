@@ -338,15 +338,9 @@ fn large_response(len: usize, announced: usize) -> &'static [u8] {
 
 /// The proxy's `aleph_proxy_spliced_bytes_total`.
 async fn spliced(h: &support::Harness) -> u64 {
-    let text = client()
-        .get(h.admin_url("/metrics"))
-        .send()
+    h.metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("aleph_proxy_spliced_bytes_total "))
         .expect("aleph_proxy_spliced_bytes_total is exported")
         .trim()

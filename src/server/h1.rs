@@ -296,26 +296,12 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         _ => Version::HTTP_11,
     };
     // The target, names and values are read back from the head's bytes once they are split
-    // off: the target and values as slices of them, not copies. The spans sit on the stack (no
-    // allocation per request).
+    // off: the target and values as slices of them, not copies.
     let base = buf.as_ptr() as usize;
     let target = span(base, n, req.path.unwrap_or("").as_bytes());
     let count = req.headers.len();
-    // On the stack for the usual few fields (zeroing room for all of them would cost more
-    // than parsing a small head), on the heap past that.
-    let mut inline = [(0u32, 0u32, 0u32, 0u32); 24];
-    let mut heap = Vec::new();
-    let spans: &mut [(u32, u32, u32, u32)] = if count <= inline.len() {
-        &mut inline[..count]
-    } else {
-        heap.resize(count, (0, 0, 0, 0));
-        &mut heap
-    };
-    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
-        let (ns, ne) = span(base, n, h.name.as_bytes());
-        let (vs, ve) = span(base, n, h.value);
-        *slot = (ns, ne, vs, ve);
-    }
+    let (mut inline, mut heap) = ([(0, 0, 0, 0); crate::http1::INLINE_FIELDS], Vec::new());
+    let spans = crate::http1::field_spans(base, n, req.headers, &mut inline, &mut heap);
     let bytes = buf.split_to(n).freeze();
     if target.0 == target.1 {
         return Err(bad("empty request target"));
@@ -334,7 +320,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut cl_values = 0u32;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     let mut expect_continue = false;
-    for &(ns, ne, vs, ve) in spans.iter() {
+    for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| bad("malformed request header name"))?;
         let raw = &bytes[vs as usize..ve as usize];

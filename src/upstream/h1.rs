@@ -24,7 +24,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 use crate::body::{BoxError, PassBody};
-use crate::http1::{span, take, Chunk, Decoded};
+use crate::http1::{take, Chunk, Decoded};
 
 /// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel).
 pub type Io = hyper_util::rt::TokioIo<
@@ -419,24 +419,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         Version::HTTP_11
     };
     // Names and values are read back from the head's bytes once they are split off: values as
-    // slices of them, not copies. The spans sit on the stack (no allocation per response).
+    // slices of them, not copies.
     let base = buf.as_ptr() as usize;
     let count = resp.headers.len();
-    // On the stack for the usual few fields (zeroing room for all of them would cost more
-    // than parsing a small head), on the heap past that.
-    let mut inline = [(0u32, 0u32, 0u32, 0u32); 24];
-    let mut heap = Vec::new();
-    let spans: &mut [(u32, u32, u32, u32)] = if count <= inline.len() {
-        &mut inline[..count]
-    } else {
-        heap.resize(count, (0, 0, 0, 0));
-        &mut heap
-    };
-    for (slot, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let (ns, ne) = span(base, n, h.name.as_bytes());
-        let (vs, ve) = span(base, n, h.value);
-        *slot = (ns, ne, vs, ve);
-    }
+    let (mut inline, mut heap) = ([(0, 0, 0, 0); crate::http1::INLINE_FIELDS], Vec::new());
+    let spans = crate::http1::field_spans(base, n, resp.headers, &mut inline, &mut heap);
     let bytes = buf.split_to(n).freeze();
     // Room for what the proxy adds on the way back (request id, rewritten links), so the map
     // is not grown (rehashed) per response.
@@ -448,7 +435,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     let mut last_chunked = false;
     let mut cl_seen = false;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
-    for &(ns, ne, vs, ve) in spans.iter() {
+    for &(ns, ne, vs, ve) in spans {
         let raw_name = &bytes[ns as usize..ne as usize];
         let name = HeaderName::from_bytes(raw_name).map_err(|_| {
             format!(

@@ -109,6 +109,18 @@ impl Harness {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The admin endpoint's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Number of token endpoint requests so far.
     pub fn token_fetches(&self) -> u64 {
         self.mock
