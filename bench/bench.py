@@ -36,6 +36,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
 
+def unpin(proc):
+    """Lets a process started pinned (and its threads and children) run on every CPU again."""
+    if shutil.which("taskset") is None:
+        return
+    cpus = f"0-{(os.cpu_count() or 1) - 1}"
+    for pid in [proc.p.pid] + children(proc.p.pid):
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -243,7 +252,7 @@ class Bench:
             port=self.token_port,
         )
         self.sink_port = free_port()
-        self.start(
+        self.sink = self.start(
             "sink",
             [sys.executable, os.path.join(HERE, "helpers.py"), "sink", str(self.sink_port)],
             port=self.sink_port,
@@ -416,16 +425,30 @@ class Bench:
             return None
         # Fresh instances (2 worker threads, the default on this machine): their peak RSS is the
         # transfer's, not what the load runs before left in the allocator.
-        # Unpinned, like curl: a pinned proxy would get a core of its own that the direct run
-        # (curl and the upstream) does not have.
+        # Nothing is pinned here: curl, the upstream, the sink, aleph-proxy and the relay may all
+        # run on any CPU, so the direct and the proxied runs have the same CPUs to share.
         dl_port, aleph_dl = self.start_aleph("aleph-download", "w2", role="free")
         sink_port, aleph_up = self.start_aleph(
             "aleph-upload", "w2", upstream_port=self.sink_port, role="free"
         )
         del self.targets["aleph-download"]
         del self.targets["aleph-upload"]
-        res = {"download": {"direct": [], "aleph": [], "hwm": 0.0},
-               "upload": {"direct": [], "aleph": [], "hwm": 0.0}}
+        for p in (self.upstream, self.sink):
+            unpin(p)
+        # The reference relay (helpers.py relay): splice(2) and nothing else, no HTTP.
+        relay = {}
+        if hasattr(os, "splice"):
+            for kind, up_port in (("download", self.up_port), ("upload", self.sink_port)):
+                port = free_port()
+                self.start(
+                    f"relay-{kind}",
+                    [sys.executable, os.path.join(HERE, "helpers.py"), "relay", str(port), str(up_port)],
+                    port=port,
+                    role="free",
+                )
+                relay[kind] = port
+        who_all = ["direct", "aleph"] + (["relay"] if relay else [])
+        res = {k: {w: [] for w in who_all} | {"hwm": 0.0, "cpu": []} for k in ("download", "upload")}
 
         def curl(args, field):
             out = subprocess.run(
@@ -437,28 +460,23 @@ class Bench:
                 sys.exit(f"transfer failed: {args}: {code} {out.stderr}")
             return float(speed) / MIB
 
+        kinds = {
+            "download": (aleph_dl, dl_port, self.up_port, lambda port: [f"http://127.0.0.1:{port}/big"], "speed_download"),
+            "upload": (aleph_up, sink_port, self.sink_port, lambda port: ["-T", up, f"http://127.0.0.1:{port}/upload"], "speed_upload"),
+        }
         for r in range(a.transfer_rounds):
-            for who in (("direct", "aleph") if r % 2 == 0 else ("aleph", "direct")):
-                port = self.up_port if who == "direct" else dl_port
-                if who == "aleph":
-                    aleph_dl.reset_hwm()
-                    c0, t0 = aleph_dl.cpu_s(), time.monotonic()
-                res["download"][who].append(curl([f"http://127.0.0.1:{port}/big"], "speed_download"))
-                if who == "aleph":
-                    res["download"]["hwm"] = max(res["download"]["hwm"], aleph_dl.hwm_mib())
-                    res["download"].setdefault("cpu", []).append(
-                        (aleph_dl.cpu_s() - c0) / (time.monotonic() - t0)
-                    )
-                port = self.sink_port if who == "direct" else sink_port
-                if who == "aleph":
-                    aleph_up.reset_hwm()
-                    c0, t0 = aleph_up.cpu_s(), time.monotonic()
-                res["upload"][who].append(curl(["-T", up, f"http://127.0.0.1:{port}/upload"], "speed_upload"))
-                if who == "aleph":
-                    res["upload"]["hwm"] = max(res["upload"]["hwm"], aleph_up.hwm_mib())
-                    res["upload"].setdefault("cpu", []).append(
-                        (aleph_up.cpu_s() - c0) / (time.monotonic() - t0)
-                    )
+            # Each round in another order, so no one goes first every time.
+            order = who_all[r % len(who_all):] + who_all[: r % len(who_all)]
+            for kind, (proc, aleph_port, direct_port, argv, field) in kinds.items():
+                for who in order:
+                    port = {"direct": direct_port, "aleph": aleph_port, "relay": relay.get(kind)}[who]
+                    if who == "aleph":
+                        proc.reset_hwm()
+                        c0, t0 = proc.cpu_s(), time.monotonic()
+                    res[kind][who].append(curl(argv(port), field))
+                    if who == "aleph":
+                        res[kind]["hwm"] = max(res[kind]["hwm"], proc.hwm_mib())
+                        res[kind]["cpu"].append((proc.cpu_s() - c0) / (time.monotonic() - t0))
         return res
 
 
@@ -561,17 +579,30 @@ def report(args, bench, results, many, transfers):
         )
     if transfers:
         lines.append("")
+        relay = "relay" in transfers["download"]
         lines.append(
-            f"Transfers (curl, {args.transfer_rounds} alternating rounds, medians; aleph-proxy peak RSS over its runs):"
+            f"Transfers (curl, {args.transfer_rounds} rounds in rotating order, medians; nothing pinned; "
+            "aleph-proxy: fresh instances, 2 worker threads, peak RSS over their runs"
+            + ("; relay: helpers.py relay, splice(2) and nothing else" if relay else "")
+            + "):"
         )
         lines.append("")
-        lines.append("| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio | aleph-proxy peak RSS MiB | aleph-proxy CPU % |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio (medians) | ratio (per round) | "
+            + ("via relay MiB/s | relay ratio | " if relay else "")
+            + "aleph-proxy peak RSS MiB | aleph-proxy CPU % |"
+        )
+        lines.append("|---|---:|---:|---:|---:|" + ("---:|---:|" if relay else "") + "---:|---:|")
         for kind, size in (("download", args.download_mib), ("upload", args.upload_mib)):
             t = transfers[kind]
             d, al = med(t["direct"]), med(t["aleph"])
-            cpu = med(t.get("cpu", [])) * 100
-            lines.append(f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {t['hwm']:.1f} | {cpu:.0f} |")
+            per_round = med([x / y for x, y in zip(t["aleph"], t["direct"])])
+            cpu = med(t["cpu"]) * 100
+            rl = f"{med(t['relay']):.0f} | {med(t['relay']) / d:.2f} | " if relay else ""
+            lines.append(
+                f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {per_round:.2f} | {rl}"
+                f"{t['hwm']:.1f} | {cpu:.0f} |"
+            )
     return lines
 
 
@@ -587,7 +618,7 @@ def main():
     ap.add_argument("--many-conns", type=int, default=256)
     ap.add_argument("--download-mib", type=int, default=1024)
     ap.add_argument("--upload-mib", type=int, default=256)
-    ap.add_argument("--transfer-rounds", type=int, default=3)
+    ap.add_argument("--transfer-rounds", type=int, default=9)
     ap.add_argument("--no-transfers", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     ap.add_argument("--out", help="also write the report to this file")

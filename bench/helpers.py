@@ -6,11 +6,19 @@
   helpers.py sink PORT    HTTP/1.1 upload sink: reads each request body completely (Content-Length
                           or chunked), counts it, then answers 200 with the byte count. nginx-light
                           cannot do this: `return 200` answers before the body is read.
+  helpers.py relay PORT UPSTREAM_PORT
+                          the least any user-space relay can do: TCP bytes passed on unchanged
+                          with splice(2) (1 MiB pipe, one blocking thread per direction), no HTTP,
+                          no headers. The transfers run it beside aleph-proxy as a reference: what
+                          a third process between curl and the upstream costs on this machine.
 """
+import fcntl
 import json
+import os
 import socket
 import socketserver
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOKEN = json.dumps(
@@ -99,6 +107,43 @@ class Sink(socketserver.BaseRequestHandler):
             pending = pending[size + 2 :]
 
 
+def pump(src, dst):
+    """Moves bytes src -> dst through a pipe until src ends, then half-closes dst."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ, as aleph-proxy does
+    except OSError:
+        pass
+    try:
+        while True:
+            n = os.splice(src.fileno(), w, 1 << 20, flags=os.SPLICE_F_MOVE)
+            if n == 0:
+                break
+            while n:
+                n -= os.splice(r, dst.fileno(), n, flags=os.SPLICE_F_MOVE)
+    except OSError:
+        pass
+    finally:
+        os.close(r)
+        os.close(w)
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+class Relay(socketserver.BaseRequestHandler):
+    upstream_port = 0
+
+    def handle(self):
+        up = socket.create_connection(("127.0.0.1", self.upstream_port))
+        t = threading.Thread(target=pump, args=(self.request, up), daemon=True)
+        t.start()
+        pump(up, self.request)
+        t.join()
+        up.close()
+
+
 class ThreadingTCP(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
@@ -111,6 +156,11 @@ def main():
         ThreadingHTTPServer(("127.0.0.1", port), Token).serve_forever()
     elif mode == "sink":
         ThreadingTCP(("127.0.0.1", port), Sink).serve_forever()
+    elif mode == "relay":
+        if not hasattr(os, "splice"):
+            sys.exit("relay needs os.splice (Linux, Python 3.10+)")
+        Relay.upstream_port = int(sys.argv[3])
+        ThreadingTCP(("127.0.0.1", port), Relay).serve_forever()
     else:
         sys.exit(f"unknown mode {mode}")
 
