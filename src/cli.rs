@@ -163,7 +163,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match crate::run(config, bound, crate::shutdown_signal()).await {
+    match crate::run_until_signalled(config, bound).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -241,7 +241,7 @@ Stop with Ctrl-C.
 "#,
         api = mock.api_url
     );
-    match crate::run(config, bound, crate::shutdown_signal()).await {
+    match crate::run_until_signalled(config, bound).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aleph-proxy demo: {e}");

@@ -338,49 +338,95 @@ async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sen
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+/// SIGTERM and SIGINT (Ctrl-C), counted: [`Signals::first`] starts the drain, and
+/// [`Signals::second`] stops at once for someone who does not want to wait for it.
 ///
-/// The handlers are installed when this is called, not when the future is first polled: `run`
-/// polls it only after start-up, and a SIGTERM arriving in between would otherwise take the
-/// default action and kill the process with a non-zero status instead of draining.
-/// Must be called within a Tokio runtime.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    let (mut int, mut term) = {
-        use tokio::signal::unix::{signal, SignalKind};
-        (
-            signal(SignalKind::interrupt()).ok(),
-            signal(SignalKind::terminate()).ok(),
-        )
-    };
-    async move {
-        #[cfg(unix)]
-        {
-            let int = async {
-                match int.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let term = async {
-                match term.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = int => tracing::info!("SIGINT received"),
-                _ = term => tracing::info!("SIGTERM received"),
+/// The handlers are installed by [`shutdown_signals`], not when a future is first polled: `run`
+/// polls its shutdown future only after start-up, and a SIGTERM arriving in between would
+/// otherwise take the default action and kill the process with a non-zero status instead of
+/// draining.
+pub struct Signals {
+    received: watch::Receiver<u32>,
+}
+
+impl Signals {
+    /// Resolves on the first signal.
+    pub fn first(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.nth(1)
+    }
+
+    /// Resolves on the second signal.
+    pub fn second(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.nth(2)
+    }
+
+    fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.received.clone();
+        async move {
+            if rx.wait_for(|&c| c >= n).await.is_err() {
+                std::future::pending::<()>().await;
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("SIGINT received");
+    }
+}
+
+/// Installs the SIGTERM and SIGINT handlers and counts the signals. Must be called within a
+/// Tokio runtime.
+pub fn shutdown_signals() -> Signals {
+    let (tx, received) = watch::channel(0u32);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let mut term = signal(SignalKind::terminate()).ok();
+        tokio::spawn(async move {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s.as_mut() {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            loop {
+                let name = tokio::select! {
+                    _ = recv(&mut int) => "SIGINT",
+                    _ = recv(&mut term) => "SIGTERM",
+                };
+                tx.send_modify(|c| *c += 1);
+                if *tx.borrow() == 1 {
+                    tracing::info!("{name} received");
+                } else {
+                    tracing::warn!(
+                        "{name} received again: stopping now; requests still in flight are cut off"
+                    );
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            tx.send_modify(|c| *c += 1);
+            if *tx.borrow() == 1 {
+                tracing::info!("SIGINT received");
+            } else {
+                tracing::warn!(
+                    "SIGINT received again: stopping now; requests still in flight are cut off"
+                );
+            }
         }
+    });
+    Signals { received }
+}
+
+/// [`run`] until the first SIGTERM or SIGINT, then drains; a second one ends the drain at once.
+pub async fn run_until_signalled(config: Config, bound: Bound) -> Result<(), String> {
+    let signals = shutdown_signals();
+    tokio::select! {
+        r = run(config, bound, signals.first()) => r,
+        () = signals.second() => Ok(()),
     }
 }
