@@ -3,6 +3,8 @@
 //! and holds the request's in-flight slot until the last byte is sent.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -116,6 +118,18 @@ pub enum PassBody {
 }
 
 impl PassBody {
+    /// For a streamed body, a [`Progress`] it keeps up to date while the upstream takes it.
+    pub fn track(&mut self) -> Option<Arc<Progress>> {
+        match self {
+            PassBody::Buffered(_) => None,
+            PassBody::Streaming(s) => {
+                let p = Progress::new();
+                s.progress = Some(p.clone());
+                Some(p)
+            }
+        }
+    }
+
     /// A copy for another attempt, or None when the body was streamed.
     pub fn try_clone(&self) -> Option<PassBody> {
         match self {
@@ -167,6 +181,35 @@ pub struct Streaming {
     head: Option<Bytes>,
     inner: Source,
     idle: Option<IdleTimer>,
+    progress: Option<Arc<Progress>>,
+}
+
+/// When a request body streamed to the upstream last moved: the response-headers timeout counts
+/// from there, so an upload that keeps moving is never cut off by it, however long it takes, and
+/// one the upstream stops taking is.
+pub struct Progress {
+    base: Instant,
+    /// Milliseconds from `base` to the last chunk taken (or the end of the body).
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn mark(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The last time the body moved (its creation, if it never did).
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Where a streamed body comes from.
@@ -207,6 +250,7 @@ impl Streaming {
             head: None,
             inner: Source::Client(inner),
             idle: None,
+            progress: None,
         }
     }
 
@@ -216,6 +260,7 @@ impl Streaming {
             head: (!head.is_empty()).then_some(head),
             inner: Source::Client(inner),
             idle: None,
+            progress: None,
         }
     }
 
@@ -269,6 +314,7 @@ impl From<crate::upstream::Body> for Streaming {
             head: None,
             inner: Source::Upstream(inner),
             idle: None,
+            progress: None,
         }
     }
 }
@@ -290,10 +336,18 @@ impl Body for Streaming {
                 if let Some(t) = &mut this.idle {
                     t.progress();
                 }
+                if let Some(p) = &this.progress {
+                    p.mark();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(p) = &this.progress {
+                    p.mark();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => match &mut this.idle {
                 Some(t) => {
                     if t.expired(cx) {

@@ -164,6 +164,7 @@ impl Upstream {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timeouts {
     pub connect: Duration,
+    /// The request sent (a streamed upload: its last progress) to the response head.
     pub response_headers: Duration,
     pub body_idle: Duration,
     pub request_headers: Duration,

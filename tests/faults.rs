@@ -494,6 +494,42 @@ async fn a_stalled_upload_is_abandoned_after_the_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_longer_than_the_response_headers_timeout_arrives_while_it_keeps_moving() {
+    init();
+    let h = Harness::start(
+        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"400ms\"",
+    )
+    .await;
+    h.ready().await;
+    // 2 MiB (streamed: beyond the replay limit) in 32 pieces 100 ms apart: about 3 s in all,
+    // far beyond the timeout, but never idle for long.
+    let body = payload(2 * 1024 * 1024);
+    let mut conn = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let head = format!(
+        "POST /echo/slow HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        h.proxy,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    for piece in body.chunks(64 * 1024) {
+        conn.write_all(piece).await.unwrap();
+        // The pace of a slow uplink: this is the behaviour under test, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).await.unwrap();
+    assert!(started.elapsed() > Duration::from_secs(2));
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&resp[..end]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        resp[end..] == body[..],
+        "the upload was echoed back altered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gives_504() {
     init();
     let h = Harness::start(
@@ -1044,6 +1080,45 @@ async fn the_drain_timeout_bounds_shutdown_and_still_exits_0() {
     assert!(took < Duration::from_secs(4), "exit took {took:?}");
     assert!(b.log().contains("drain timeout reached"), "{}", b.log());
     // The cut-off download ends short (with an error), never as a complete body.
+    while let Ok(Some(c)) = resp.chunk().await {
+        received += c.len();
+    }
+    assert!(received < MockOptions::default().asset_size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_the_drain_at_once() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut b = Binary::start(&mock, "[shutdown]\ndrain_timeout = \"120s\"").await;
+    // 4 MiB at 256 KiB/s: 16 s, and the drain would wait for all of it.
+    mock.state.asset_rate.store(256 * 1024, Ordering::SeqCst);
+    let mut resp = client()
+        .get(format!("http://{}/assets/l1d/item-3/analytic", b.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = resp.chunk().await.unwrap().map_or(0, |c| c.len());
+    b.signal("TERM");
+    // The first signal is handled (draining: no new connections) before the second is sent:
+    // two signals pending at once would reach the process as one.
+    eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(b.proxy).await.is_err()
+    })
+    .await;
+    assert_eq!(
+        b.child.try_wait().unwrap(),
+        None,
+        "exited with a download in flight"
+    );
+    b.signal("INT");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    let log = b.log();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("SIGINT received again: stopping now"), "{log}");
+    // The download was cut off: it ends short, never as a complete body.
     while let Ok(Some(c)) = resp.chunk().await {
         received += c.len();
     }

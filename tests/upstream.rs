@@ -399,3 +399,61 @@ async fn a_large_body_the_upstream_cuts_short_is_cut_for_the_client() {
     assert_eq!(get_text(&h.url("/small")).await, (200, "ok".into()));
     assert_eq!(up.conns.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_taking_an_upload_gives_504_after_the_response_headers_timeout() {
+    // An upstream that reads the request head and then nothing more: the upload fills the
+    // socket buffers and stops moving.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = sock.read(&mut head).await;
+            held.push(sock);
+        }
+    });
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let mut config = support::config_for(
+        &mock,
+        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"500ms\"",
+    );
+    config.upstream.url = format!("http://{addr}").parse().unwrap();
+    let h = Harness::start_config(mock, config).await;
+    h.ready().await;
+
+    let conn = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut rd, mut wr) = conn.into_split();
+    let size: usize = 256 * 1024 * 1024;
+    let head = format!(
+        "PUT /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
+        h.proxy
+    );
+    tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let piece = vec![7u8; 1024 * 1024];
+        for _ in 0..size / piece.len() {
+            wr.write_all(&piece).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut resp = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = rd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            resp.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the proxy answers once the upload has stopped moving");
+    let text = String::from_utf8_lossy(&resp).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 504"), "{text}");
+    assert!(
+        text.contains("x-aleph-proxy-error: upstream_timeout"),
+        "{text}"
+    );
+}

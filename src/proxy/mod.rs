@@ -362,15 +362,18 @@ async fn forward(
             now = tokio::time::Instant::now();
         }
         let replay = body.as_ref().and_then(|b| b.try_clone());
-        let this_body = match replay {
+        let mut this_body = match replay {
             Some(b) => b,
             None => body.take().ok_or(ProxyError::UpstreamUnreachable)?,
         };
         let can_replay = body.is_some();
+        let progress = this_body.track();
         // Nothing waited since `now` was read.
         let sent = now;
-        let result = tokio::time::timeout_at(
-            sent + shared.timeouts.response_headers,
+        let result = response_headers_within(
+            sent,
+            shared.timeouts.response_headers,
+            progress.as_deref(),
             shared
                 .client
                 .request(&method, &target, &parts.headers, this_body),
@@ -581,6 +584,28 @@ async fn read_body(
                     }
                 }
             }
+        }
+    }
+}
+
+/// `request` bounded by `timeouts.response_headers` (`limit`): counted from `sent`, or, for a
+/// streamed request body, from the last time the body moved, so a long upload is not cut off
+/// while the upstream keeps taking it. Err(()) when the time ran out.
+async fn response_headers_within<F: std::future::Future>(
+    sent: tokio::time::Instant,
+    limit: Duration,
+    progress: Option<&crate::body::Progress>,
+    request: F,
+) -> Result<F::Output, ()> {
+    let mut request = std::pin::pin!(request);
+    let mut deadline = sent + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, request.as_mut()).await {
+            Ok(out) => return Ok(out),
+            Err(_) => match progress.map(|p| p.last() + limit) {
+                Some(later) if later > deadline => deadline = later,
+                _ => return Err(()),
+            },
         }
     }
 }
