@@ -370,15 +370,16 @@ async fn forward(
         let progress = this_body.track();
         // Nothing waited since `now` was read.
         let sent = now;
-        let result = response_headers_within(
-            sent,
-            shared.timeouts.response_headers,
-            progress.as_deref(),
-            shared
-                .client
-                .request(&method, &target, &parts.headers, this_body),
-        )
-        .await;
+        let request = shared
+            .client
+            .request(&method, &target, &parts.headers, this_body);
+        let limit = shared.timeouts.response_headers;
+        let result = match progress {
+            None => tokio::time::timeout_at(sent + limit, request)
+                .await
+                .map_err(|_| ()),
+            Some(p) => response_headers_after_upload(sent, limit, &p, request).await,
+        };
         meters()
             .upstream_duration
             .record(sent.elapsed().as_secs_f64());
@@ -588,13 +589,13 @@ async fn read_body(
     }
 }
 
-/// `request` bounded by `timeouts.response_headers` (`limit`): counted from `sent`, or, for a
-/// streamed request body, from the last time the body moved, so a long upload is not cut off
-/// while the upstream keeps taking it. Err(()) when the time ran out.
-async fn response_headers_within<F: std::future::Future>(
+/// `request` bounded by `timeouts.response_headers` (`limit`) for a streamed request body: counted
+/// from the last time the body moved (or `sent`), so a long upload is not cut off while the
+/// upstream keeps taking it. Err(()) when the time ran out.
+async fn response_headers_after_upload<F: std::future::Future>(
     sent: tokio::time::Instant,
     limit: Duration,
-    progress: Option<&crate::body::Progress>,
+    progress: &crate::body::Progress,
     request: F,
 ) -> Result<F::Output, ()> {
     let mut request = std::pin::pin!(request);
@@ -602,10 +603,8 @@ async fn response_headers_within<F: std::future::Future>(
     loop {
         match tokio::time::timeout_at(deadline, request.as_mut()).await {
             Ok(out) => return Ok(out),
-            Err(_) => match progress.map(|p| p.last() + limit) {
-                Some(later) if later > deadline => deadline = later,
-                _ => return Err(()),
-            },
+            Err(_) if progress.last() + limit > deadline => deadline = progress.last() + limit,
+            Err(_) => return Err(()),
         }
     }
 }
