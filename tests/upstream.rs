@@ -457,3 +457,98 @@ async fn an_upstream_that_stops_taking_an_upload_gives_504_after_the_response_he
         "{text}"
     );
 }
+
+/// An upstream that answers a request before reading its body, as servers do for a 413 or a
+/// 401: reads the head only, answers, then either closes (`close`) or keeps the connection
+/// without reading anything more.
+async fn answers_before_the_body(close: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = br#"{"detail":"Request entity too large."}"#;
+            let head = format!(
+                "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                body.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body).await;
+            if !close {
+                held.push(sock);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
+    for close in [true, false] {
+        let up = answers_before_the_body(close).await;
+        let mock = Mock::start(MockOptions::default()).await.unwrap();
+        // The response-headers timeout far away: the answer must come from the upstream, not
+        // from a 504.
+        let mut config = support::config_for(
+            &mock,
+            "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"60s\"",
+        );
+        config.upstream.url = format!("http://{up}").parse().unwrap();
+        let h = Harness::start_config(mock, config).await;
+        h.ready().await;
+
+        // 64 MiB: far more than the socket buffers between the client and the upstream hold.
+        let conn = TcpStream::connect(h.proxy).await.unwrap();
+        let (mut rd, mut wr) = conn.into_split();
+        let size: usize = 64 * 1024 * 1024;
+        let head = format!(
+            "PUT /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
+            h.proxy
+        );
+        tokio::spawn(async move {
+            wr.write_all(head.as_bytes()).await?;
+            let piece = vec![7u8; 1024 * 1024];
+            for _ in 0..size / piece.len() {
+                wr.write_all(&piece).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        let mut resp = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            let mut buf = [0u8; 4096];
+            while !resp.ends_with(b"}") {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => resp.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with("HTTP/1.1 413"), "close={close}: {text}");
+        assert!(
+            text.ends_with(r#"{"detail":"Request entity too large."}"#),
+            "{text}"
+        );
+        assert!(
+            !text.to_ascii_lowercase().contains("x-aleph-proxy-error"),
+            "{text}"
+        );
+        // The upload was not finished: the proxy closes the client's connection after the answer.
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+}

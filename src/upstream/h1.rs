@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::{BoxError, PassBody};
 use crate::http1::{take, Chunk, Decoded};
@@ -196,18 +196,30 @@ pub async fn send(
             _ => stale(e.into()),
         });
     }
-    if let Err(e) = write_body(&mut conn, body, framing, sent).await {
-        return Err(match e {
-            WriteError::Body(e) => SendError::Body(e),
-            WriteError::Io(e) => stale(e.into()),
-        });
-    }
+    // A streamed body is written while the upstream is watched: it may answer before reading
+    // all of it (a 413, a 401, a redirect) and stop reading. A buffered one is small and sent.
+    let answered_early = match body {
+        PassBody::Streaming(_) => match write_streamed(&mut conn, body, framing, sent).await {
+            Ok(answered) => answered,
+            Err(WriteError::Body(e)) => return Err(SendError::Body(e)),
+            Err(WriteError::Io(e)) => return Err(stale(e.into())),
+        },
+        PassBody::Buffered(_) => {
+            if let Err(e) = write_body(&mut conn, body, framing, sent).await {
+                return Err(match e {
+                    WriteError::Body(e) => SendError::Body(e),
+                    WriteError::Io(e) => stale(e.into()),
+                });
+            }
+            false
+        }
+    };
 
     // The response head; 1xx interim responses (100 Continue, 103 Early Hints) are skipped.
     let mut received = false;
     loop {
         match parse_head(&mut conn.buf, head.method) {
-            Ok(Some(parsed)) => {
+            Ok(Some(mut parsed)) => {
                 if parsed.status.is_informational() {
                     if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(SendError::Conn {
@@ -217,6 +229,8 @@ pub async fn send(
                     }
                     continue;
                 }
+                // The rest of the request body was never sent: the connection is done.
+                parsed.keep_alive &= !answered_early;
                 return Ok(parsed.into_response(conn, idle));
             }
             Ok(None) => {}
@@ -387,6 +401,139 @@ async fn write_body(
         _ => {}
     }
     conn.io.flush().await.map_err(WriteError::Io)
+}
+
+/// Writes a streamed request body while reading whatever the upstream sends meanwhile into
+/// `conn.buf`. Ok(true): a complete final response head arrived before the body was all sent
+/// (the rest is not sent; the connection cannot carry another request). Ok(false): the body was
+/// sent whole. A write that fails after the upstream answered counts as answered: the answer
+/// is what the client gets, not a 502.
+async fn write_streamed(
+    conn: &mut Conn,
+    mut body: PassBody,
+    framing: Framing,
+    mut sent: u64,
+) -> Result<bool, WriteError> {
+    // Bytes framed and not yet written, in order.
+    let mut out: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    let mut body_done = false;
+    let mut upstream_eof = false;
+    std::future::poll_fn(|cx| loop {
+        // The upstream's side first: an answer stops the upload.
+        while !upstream_eof {
+            conn.buf.reserve(8 * 1024);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                Poll::Ready(Ok(0)) => upstream_eof = true,
+                Poll::Ready(Ok(_)) => {
+                    if final_head_ready(&conn.buf) {
+                        return Poll::Ready(Ok(true));
+                    }
+                    if conn.buf.len() > MAX_HEAD {
+                        // Garbage, not a head: left for the response parser to refuse.
+                        return Poll::Ready(Ok(true));
+                    }
+                }
+                // The write side will report it, or the response parser will.
+                Poll::Ready(Err(_)) => upstream_eof = true,
+                Poll::Pending => break,
+            }
+        }
+        if let Some(front) = out.front_mut() {
+            match Pin::new(&mut conn.io).poll_write(cx, front) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(WriteError::Io(std::io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => {
+                    front.advance(n);
+                    if front.is_empty() {
+                        out.pop_front();
+                    }
+                    continue;
+                }
+                Poll::Ready(Err(e)) => {
+                    // An upstream that answered and closed resets the connection: its answer
+                    // may still be readable.
+                    let _ =
+                        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
+                    if final_head_ready(&conn.buf) {
+                        return Poll::Ready(Ok(true));
+                    }
+                    return Poll::Ready(Err(WriteError::Io(e)));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if body_done {
+            return match Pin::new(&mut conn.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(false)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(WriteError::Io(e))),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                match framing {
+                    Framing::Length(n) if sent != n => {
+                        return Poll::Ready(Err(WriteError::Body(
+                            "request body shorter than announced".into(),
+                        )))
+                    }
+                    Framing::Chunked => out.push_back(Bytes::from_static(b"0\r\n\r\n")),
+                    Framing::Length(_) => {}
+                }
+                body_done = true;
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(WriteError::Body(e))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    // Request trailers (the API uses none) are not forwarded.
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                match framing {
+                    Framing::Length(n) => {
+                        if sent > n {
+                            return Poll::Ready(Err(WriteError::Body(
+                                "request body longer than announced".into(),
+                            )));
+                        }
+                        out.push_back(data);
+                    }
+                    Framing::Chunked => {
+                        out.push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                        out.push_back(data);
+                        out.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                }
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// `buf` holds a complete final (not 1xx) response head, after any interim ones.
+fn final_head_ready(buf: &[u8]) -> bool {
+    let mut at = 0;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf[at..]) {
+            Ok(httparse::Status::Complete(n)) => {
+                if resp.code.is_some_and(|c| (100..200).contains(&c)) {
+                    at += n;
+                    continue;
+                }
+                return true;
+            }
+            Ok(httparse::Status::Partial) => return false,
+            // Not a valid head: the response parser reports it.
+            Err(_) => return true,
+        }
+    }
 }
 
 /// A parsed response head.
