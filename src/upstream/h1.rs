@@ -196,22 +196,19 @@ pub async fn send(
             _ => stale(e.into()),
         });
     }
-    // A streamed body is written while the upstream is watched: it may answer before reading
-    // all of it (a 413, a 401, a redirect) and stop reading. A buffered one is small and sent.
-    let answered_early = match body {
-        PassBody::Streaming(_) => match write_streamed(&mut conn, body, framing, sent).await {
+    // The body is written while the upstream is watched: it may answer before reading all of
+    // it (a 413, a 401, a redirect) and stop reading. Without a body (the usual request) there
+    // is nothing to watch for.
+    let answered_early = if matches!(&body, PassBody::Buffered(b) if b.is_empty()) {
+        if let Err(e) = conn.io.flush().await {
+            return Err(stale(e.into()));
+        }
+        false
+    } else {
+        match write_body(&mut conn, body, framing, sent).await {
             Ok(answered) => answered,
             Err(WriteError::Body(e)) => return Err(SendError::Body(e)),
             Err(WriteError::Io(e)) => return Err(stale(e.into())),
-        },
-        PassBody::Buffered(_) => {
-            if let Err(e) = write_body(&mut conn, body, framing, sent).await {
-                return Err(match e {
-                    WriteError::Body(e) => SendError::Body(e),
-                    WriteError::Io(e) => stale(e.into()),
-                });
-            }
-            false
         }
     };
 
@@ -349,66 +346,12 @@ enum WriteError {
     Io(std::io::Error),
 }
 
-async fn write_body(
-    conn: &mut Conn,
-    body: PassBody,
-    framing: Framing,
-    mut sent: u64,
-) -> Result<(), WriteError> {
-    let mut body = body;
-    loop {
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        let data = match frame {
-            None => break,
-            Some(Err(e)) => return Err(WriteError::Body(e)),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) if !d.is_empty() => d,
-                // Empty chunks and request trailers (the API uses none) are not forwarded.
-                _ => continue,
-            },
-        };
-        sent += data.len() as u64;
-        match framing {
-            Framing::Length(n) => {
-                if sent > n {
-                    return Err(WriteError::Body(
-                        "request body longer than announced".into(),
-                    ));
-                }
-                conn.io.write_all(&data).await.map_err(WriteError::Io)?;
-            }
-            Framing::Chunked => {
-                let size = format!("{:x}\r\n", data.len());
-                let mut chunk = Bytes::from(size).chain(data).chain(&b"\r\n"[..]);
-                conn.io
-                    .write_all_buf(&mut chunk)
-                    .await
-                    .map_err(WriteError::Io)?;
-            }
-        }
-    }
-    match framing {
-        Framing::Length(n) if sent != n => {
-            return Err(WriteError::Body(
-                "request body shorter than announced".into(),
-            ))
-        }
-        Framing::Chunked => conn
-            .io
-            .write_all(b"0\r\n\r\n")
-            .await
-            .map_err(WriteError::Io)?,
-        _ => {}
-    }
-    conn.io.flush().await.map_err(WriteError::Io)
-}
-
-/// Writes a streamed request body while reading whatever the upstream sends meanwhile into
+/// Writes a request body while reading whatever the upstream sends meanwhile into
 /// `conn.buf`. Ok(true): a complete final response head arrived before the body was all sent
 /// (the rest is not sent; the connection cannot carry another request). Ok(false): the body was
 /// sent whole. A write that fails after the upstream answered counts as answered: the answer
 /// is what the client gets, not a 502.
-async fn write_streamed(
+async fn write_body(
     conn: &mut Conn,
     mut body: PassBody,
     framing: Framing,
