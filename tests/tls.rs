@@ -155,7 +155,8 @@ async fn tls_upstream_with_a_ca_file_and_an_egress_proxy() {
         m
     };
 
-    // 1b. A server that offers h2 by ALPN: every request shares one HTTP/2 connection.
+    // 1b. A server that offers h2 by ALPN: every request shares one HTTP/2 connection, also
+    // when the first requests come as a burst, before any connection exists.
     let (ca_pem, mut server) = pki();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let h2_ca = dir.path().join("h2-ca.pem");
@@ -167,9 +168,6 @@ async fn tls_upstream_with_a_ca_file_and_an_egress_proxy() {
     );
     let h = Harness::start_proxy(mock, &toml).await;
     let c = client();
-    // One request first: the connection (and so the protocol) is known before the burst.
-    let r = c.get(h.url("/tasking/products/")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
     let mut tasks = Vec::new();
     for i in 0..20 {
         let c = c.clone();
@@ -203,6 +201,9 @@ async fn tls_upstream_with_a_ca_file_and_an_egress_proxy() {
         1,
         "concurrent HTTP/2 requests share the one upstream connection"
     );
+    let r = c.get(h.url("/tasking/products/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.mock.state.api_connections.load(Ordering::SeqCst), 1);
     let mock = {
         let m = Mock::start(MockOptions::default()).await.unwrap();
         drop(h);

@@ -14,6 +14,7 @@ pub mod h1;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -184,7 +185,17 @@ struct Pool {
     h1: Arc<h1::Idle>,
     /// The HTTP/2 connection, when TLS negotiated h2: one carries every request.
     h2: Mutex<Option<http2::SendRequest<PassBody>>>,
+    /// What the upstream negotiated on its last connection ([`PROTOCOL_UNKNOWN`] before any).
+    protocol: AtomicU8,
+    /// Held by the request that connects while a burst may share what it connects (an HTTP/2
+    /// upstream, or one not connected yet): the others wait for it instead of each opening a
+    /// connection of its own.
+    connecting: tokio::sync::Mutex<()>,
 }
+
+const PROTOCOL_UNKNOWN: u8 = 0;
+const PROTOCOL_H1: u8 = 1;
+const PROTOCOL_H2: u8 = 2;
 
 enum Conn {
     H1(Box<h1::Conn>),
@@ -269,7 +280,7 @@ impl UpstreamClient {
                 Some(c) => (c, true),
                 // Boxed: connecting (TLS, the egress tunnel) is a large future, and every
                 // request's future would otherwise carry its size (and be copied with it).
-                None => (Box::pin(pool.connect()).await?, false),
+                None => (Box::pin(pool.connect_or_join()).await?, false),
             };
             match conn {
                 Conn::H2(mut tx) => {
@@ -327,11 +338,40 @@ impl UpstreamClient {
 }
 
 impl Pool {
-    fn checkout(&self) -> Option<Conn> {
-        if let Some(tx) = self.h2.lock().expect("pool lock").as_ref() {
-            if !tx.is_closed() {
-                return Some(Conn::H2(tx.clone()));
+    /// A new connection, or the HTTP/2 connection another request of the same burst has just
+    /// made. Over HTTP/1.1 (known from the last connection) every request connects in
+    /// parallel; otherwise one connects and the rest wait for it, then share its HTTP/2
+    /// connection, or, if it failed or turned out HTTP/1.1, connect in parallel: a dead
+    /// upstream costs a request of the burst two connect timeouts at most, never one per
+    /// request before it.
+    async fn connect_or_join(&self) -> Result<Conn, Error> {
+        if self.protocol.load(Ordering::Relaxed) == PROTOCOL_H1 {
+            return self.connect().await;
+        }
+        match self.connecting.try_lock() {
+            Ok(_leader) => self.connect().await,
+            Err(_) => {
+                drop(self.connecting.lock().await);
+                if let Some(tx) = self.live_h2() {
+                    return Ok(Conn::H2(tx));
+                }
+                self.connect().await
             }
+        }
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<PassBody>> {
+        self.h2
+            .lock()
+            .expect("pool lock")
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        if let Some(tx) = self.live_h2() {
+            return Some(Conn::H2(tx));
         }
         self.h1.checkout().map(Conn::H1)
     }
@@ -360,8 +400,10 @@ impl Pool {
                 }
             });
             *self.h2.lock().expect("pool lock") = Some(tx.clone());
+            self.protocol.store(PROTOCOL_H2, Ordering::Relaxed);
             Ok(Conn::H2(tx))
         } else {
+            self.protocol.store(PROTOCOL_H1, Ordering::Relaxed);
             Ok(Conn::H1(h1::Conn::new(TokioIo::new(io))))
         }
     }
@@ -422,6 +464,8 @@ pub fn client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
             host: HeaderValue::try_from(host).expect("a validated host is a header value"),
             h1: Arc::new(h1::Idle::default()),
             h2: Mutex::new(None),
+            protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
+            connecting: tokio::sync::Mutex::new(()),
         }),
     }
 }
