@@ -395,31 +395,27 @@ pub fn shutdown_signals() -> Signals {
                     _ = recv(&mut int) => "SIGINT",
                     _ = recv(&mut term) => "SIGTERM",
                 };
-                tx.send_modify(|c| *c += 1);
-                if *tx.borrow() == 1 {
-                    tracing::info!("{name} received");
-                } else {
-                    tracing::warn!(
-                        "{name} received again: stopping now; requests still in flight are cut off"
-                    );
-                }
+                counted(&tx, name);
             }
         });
     }
     #[cfg(not(unix))]
     tokio::spawn(async move {
         while tokio::signal::ctrl_c().await.is_ok() {
-            tx.send_modify(|c| *c += 1);
-            if *tx.borrow() == 1 {
-                tracing::info!("SIGINT received");
-            } else {
-                tracing::warn!(
-                    "SIGINT received again: stopping now; requests still in flight are cut off"
-                );
-            }
+            counted(&tx, "SIGINT");
         }
     });
     Signals { received }
+}
+
+/// Counts one more signal and says what it does.
+fn counted(tx: &watch::Sender<u32>, name: &str) {
+    tx.send_modify(|c| *c += 1);
+    if *tx.borrow() == 1 {
+        tracing::info!("{name} received");
+    } else {
+        tracing::warn!("{name} received again: stopping now; requests still in flight are cut off");
+    }
 }
 
 /// [`run`] until the first SIGTERM or SIGINT, then drains; a second one ends the drain at once.

@@ -124,12 +124,57 @@ async fn serve(mut sock: TcpStream, script: &Script, seen: &Mutex<Vec<String>>) 
 }
 
 async fn proxy_for(up: &Upstream) -> Harness {
+    proxy_at(up.addr, "").await
+}
+
+/// The proxy in front of the upstream at `addr`, with `extra` configuration.
+async fn proxy_at(addr: SocketAddr, extra: &str) -> Harness {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
-    let mut config = support::config_for(&mock, "[contract]\ndefault = \"contract-123\"");
-    config.upstream.url = format!("http://{}", up.addr).parse().unwrap();
+    let mut config = support::config_for(
+        &mock,
+        &format!("[contract]\ndefault = \"contract-123\"\n{extra}"),
+    );
+    config.upstream.url = format!("http://{addr}").parse().unwrap();
     let h = Harness::start_config(mock, config).await;
     h.ready().await;
     h
+}
+
+/// Starts a `PUT` of `size` bytes to the proxy, written by a task of its own as fast as the
+/// proxy takes it; returns the connection's read side, for the answer.
+async fn upload(proxy: SocketAddr, size: usize) -> tokio::net::tcp::OwnedReadHalf {
+    let conn = TcpStream::connect(proxy).await.unwrap();
+    let (rd, mut wr) = conn.into_split();
+    let head = format!("PUT /upload HTTP/1.1\r\nHost: {proxy}\r\nContent-Length: {size}\r\n\r\n");
+    tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let piece = vec![7u8; 1024 * 1024];
+        for _ in 0..size / piece.len() {
+            wr.write_all(&piece).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    rd
+}
+
+/// Reads from `rd` until `done` holds for what was read, the connection ends, or 20 s pass.
+async fn read_until(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    done: impl Fn(&[u8]) -> bool,
+) -> String {
+    let mut resp = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        while !done(&resp) {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => resp.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("an answer in time");
+    String::from_utf8_lossy(&resp).into_owned()
 }
 
 async fn get_text(url: &str) -> (u16, String) {
@@ -415,42 +460,11 @@ async fn an_upstream_that_stops_taking_an_upload_gives_504_after_the_response_he
             held.push(sock);
         }
     });
-    let mock = Mock::start(MockOptions::default()).await.unwrap();
-    let mut config = support::config_for(
-        &mock,
-        "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"500ms\"",
-    );
-    config.upstream.url = format!("http://{addr}").parse().unwrap();
-    let h = Harness::start_config(mock, config).await;
-    h.ready().await;
-
-    let conn = TcpStream::connect(h.proxy).await.unwrap();
-    let (mut rd, mut wr) = conn.into_split();
-    let size: usize = 256 * 1024 * 1024;
-    let head = format!(
-        "PUT /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
-        h.proxy
-    );
-    tokio::spawn(async move {
-        wr.write_all(head.as_bytes()).await?;
-        let piece = vec![7u8; 1024 * 1024];
-        for _ in 0..size / piece.len() {
-            wr.write_all(&piece).await?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    let mut resp = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        let mut buf = [0u8; 4096];
-        while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = rd.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            resp.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("the proxy answers once the upload has stopped moving");
-    let text = String::from_utf8_lossy(&resp).to_ascii_lowercase();
+    let h = proxy_at(addr, "[timeouts]\nresponse_headers = \"500ms\"").await;
+    let mut rd = upload(h.proxy, 256 * 1024 * 1024).await;
+    let text = read_until(&mut rd, |r| r.windows(4).any(|w| w == b"\r\n\r\n"))
+        .await
+        .to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 504"), "{text}");
     assert!(
         text.contains("x-aleph-proxy-error: upstream_timeout"),
@@ -496,46 +510,12 @@ async fn answers_before_the_body(close: bool) -> SocketAddr {
 async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
     for close in [true, false] {
         let up = answers_before_the_body(close).await;
-        let mock = Mock::start(MockOptions::default()).await.unwrap();
         // The response-headers timeout far away: the answer must come from the upstream, not
         // from a 504.
-        let mut config = support::config_for(
-            &mock,
-            "[contract]\ndefault = \"contract-123\"\n[timeouts]\nresponse_headers = \"60s\"",
-        );
-        config.upstream.url = format!("http://{up}").parse().unwrap();
-        let h = Harness::start_config(mock, config).await;
-        h.ready().await;
-
+        let h = proxy_at(up, "[timeouts]\nresponse_headers = \"60s\"").await;
         // 64 MiB: far more than the socket buffers between the client and the upstream hold.
-        let conn = TcpStream::connect(h.proxy).await.unwrap();
-        let (mut rd, mut wr) = conn.into_split();
-        let size: usize = 64 * 1024 * 1024;
-        let head = format!(
-            "PUT /upload HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
-            h.proxy
-        );
-        tokio::spawn(async move {
-            wr.write_all(head.as_bytes()).await?;
-            let piece = vec![7u8; 1024 * 1024];
-            for _ in 0..size / piece.len() {
-                wr.write_all(&piece).await?;
-            }
-            Ok::<_, std::io::Error>(())
-        });
-        let mut resp = Vec::new();
-        tokio::time::timeout(std::time::Duration::from_secs(20), async {
-            let mut buf = [0u8; 4096];
-            while !resp.ends_with(b"}") {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => resp.extend_from_slice(&buf[..n]),
-                }
-            }
-        })
-        .await
-        .expect("an answer");
-        let text = String::from_utf8_lossy(&resp);
+        let mut rd = upload(h.proxy, 64 * 1024 * 1024).await;
+        let text = read_until(&mut rd, |r| r.ends_with(b"}")).await;
         assert!(text.starts_with("HTTP/1.1 413"), "close={close}: {text}");
         assert!(
             text.ends_with(r#"{"detail":"Request entity too large."}"#),
