@@ -396,6 +396,7 @@ async fn write_body(
                 Poll::Ready(Err(e)) => {
                     // An upstream that answered and closed resets the connection: its answer
                     // may still be readable.
+                    conn.buf.reserve(8 * 1024);
                     let _ =
                         tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
                     if final_head_ready(&conn.buf) {
