@@ -905,6 +905,29 @@ mod tests {
     }
 
     #[test]
+    fn an_early_answer_is_a_complete_final_head() {
+        // Partial heads wait for more bytes.
+        assert!(!final_head_ready(b""));
+        assert!(!final_head_ready(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Le"
+        ));
+        // Interim answers are not the answer.
+        assert!(!final_head_ready(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        assert!(!final_head_ready(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        ));
+        // A final head, alone or after interim ones, with or without some of its body.
+        assert!(final_head_ready(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n"
+        ));
+        assert!(final_head_ready(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}"
+        ));
+        // Garbage stops the upload too: the response parser then refuses it (a 502).
+        assert!(final_head_ready(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"));
+    }
+
+    #[test]
     fn response_framing_follows_rfc_9112() {
         let parse = |raw: &str, method: Method| {
             let mut buf = BytesMut::from(raw);
