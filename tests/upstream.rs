@@ -461,37 +461,20 @@ async fn a_large_body_the_upstream_cuts_short_is_cut_for_the_client() {
     assert_eq!(up.conns.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_that_stops_taking_an_upload_gives_504_after_the_response_headers_timeout() {
-    // An upstream that reads the request head and then nothing more: the upload fills the
-    // socket buffers and stops moving.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        loop {
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut head = [0u8; 1024];
-            let _ = sock.read(&mut head).await;
-            held.push(sock);
-        }
-    });
-    let h = proxy_at(addr, "[timeouts]\nresponse_headers = \"500ms\"").await;
-    let mut rd = upload(h.proxy, 256 * 1024 * 1024, false).await;
-    let text = read_until(&mut rd, |r| r.windows(4).any(|w| w == b"\r\n\r\n"))
-        .await
-        .to_ascii_lowercase();
-    assert!(text.starts_with("http/1.1 504"), "{text}");
-    assert!(
-        text.contains("x-aleph-proxy-error: upstream_timeout"),
-        "{text}"
-    );
+/// What an upstream that reads only a request's head does next.
+#[derive(Clone, Copy)]
+enum AfterHead {
+    /// Nothing: it never reads the body nor answers.
+    Nothing,
+    /// Answers 413, as servers do before reading a body they refuse, and keeps the connection
+    /// without reading anything more.
+    Answer,
+    /// Answers 413, then closes.
+    AnswerAndClose,
 }
 
-/// An upstream that answers a request before reading its body, as servers do for a 413 or a
-/// 401: reads the head only, answers, then either closes (`close`) or keeps the connection
-/// without reading anything more.
-async fn answers_before_the_body(close: bool) -> SocketAddr {
+/// An upstream that reads each request's head and none of its body.
+async fn reads_only_the_head(then: AfterHead) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -506,14 +489,17 @@ async fn answers_before_the_body(close: bool) -> SocketAddr {
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
-            let body = br#"{"detail":"Request entity too large."}"#;
-            let head = format!(
-                "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
-                body.len(),
-                if close { "Connection: close\r\n" } else { "" }
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body).await;
+            let close = matches!(then, AfterHead::AnswerAndClose);
+            if !matches!(then, AfterHead::Nothing) {
+                let body = br#"{"detail":"Request entity too large."}"#;
+                let head = format!(
+                    "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                    body.len(),
+                    if close { "Connection: close\r\n" } else { "" }
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body).await;
+            }
             if !close {
                 held.push(sock);
             }
@@ -523,9 +509,30 @@ async fn answers_before_the_body(close: bool) -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_taking_an_upload_gives_504_after_the_response_headers_timeout() {
+    // The upload fills the socket buffers and stops moving.
+    let addr = reads_only_the_head(AfterHead::Nothing).await;
+    let h = proxy_at(addr, "[timeouts]\nresponse_headers = \"500ms\"").await;
+    let mut rd = upload(h.proxy, 256 * 1024 * 1024, false).await;
+    let text = read_until(&mut rd, |r| r.windows(4).any(|w| w == b"\r\n\r\n"))
+        .await
+        .to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 504"), "{text}");
+    assert!(
+        text.contains("x-aleph-proxy-error: upstream_timeout"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
     for (close, chunked) in [(true, false), (false, false), (true, true), (false, true)] {
-        let up = answers_before_the_body(close).await;
+        let up = reads_only_the_head(if close {
+            AfterHead::AnswerAndClose
+        } else {
+            AfterHead::Answer
+        })
+        .await;
         // The response-headers timeout far away: the answer must come from the upstream, not
         // from a 504.
         let h = proxy_at(up, "[timeouts]\nresponse_headers = \"60s\"").await;
