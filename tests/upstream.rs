@@ -492,13 +492,16 @@ async fn reads_only_the_head(then: AfterHead) -> SocketAddr {
             let close = matches!(then, AfterHead::AnswerAndClose);
             if !matches!(then, AfterHead::Nothing) {
                 let body = br#"{"detail":"Request entity too large."}"#;
-                let head = format!(
+                let mut answer = format!(
                     "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
                     body.len(),
                     if close { "Connection: close\r\n" } else { "" }
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(body).await;
+                )
+                .into_bytes();
+                answer.extend_from_slice(body);
+                // One write: closing with the body unread resets the connection, and the kernel
+                // drops whatever it had not sent yet (a second write held back by Nagle).
+                let _ = sock.write_all(&answer).await;
             }
             if !close {
                 held.push(sock);

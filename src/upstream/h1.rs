@@ -349,8 +349,10 @@ enum WriteError {
 /// Writes a request body while reading whatever the upstream sends meanwhile into
 /// `conn.buf`. Ok(true): a complete final response head arrived before the body was all sent
 /// (the rest is not sent; the connection cannot carry another request). Ok(false): the body was
-/// sent whole. A write that fails after the upstream answered counts as answered: the answer
-/// is what the client gets, not a 502.
+/// sent whole. A write that fails because the upstream answered and closed counts as answered:
+/// the answer is what the client gets, not a 502. So after a failed write the connection is
+/// read to its end before the failure is reported (the answer may still be on its way: tokio
+/// learns that the socket is readable only from the next event).
 async fn write_body(
     conn: &mut Conn,
     mut body: PassBody,
@@ -361,6 +363,7 @@ async fn write_body(
     let mut out: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     let mut body_done = false;
     let mut upstream_eof = false;
+    let mut write_failed: Option<std::io::Error> = None;
     std::future::poll_fn(|cx| loop {
         // The upstream's side first: an answer stops the upload.
         while !upstream_eof {
@@ -378,8 +381,14 @@ async fn write_body(
                 }
                 // The write side will report it, or the response parser will.
                 Poll::Ready(Err(_)) => upstream_eof = true,
+                // After a failed write, only an answer or the end of the connection is awaited.
+                Poll::Pending if write_failed.is_some() => return Poll::Pending,
                 Poll::Pending => break,
             }
+        }
+        if let Some(e) = write_failed.take() {
+            // The connection ended without a complete answer.
+            return Poll::Ready(Err(WriteError::Io(e)));
         }
         if let Some(front) = out.front_mut() {
             match Pin::new(&mut conn.io).poll_write(cx, front) {
@@ -396,13 +405,8 @@ async fn write_body(
                 Poll::Ready(Err(e)) => {
                     // An upstream that answered and closed resets the connection: its answer
                     // may still be readable.
-                    conn.buf.reserve(8 * 1024);
-                    let _ =
-                        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
-                    if final_head_ready(&conn.buf) {
-                        return Poll::Ready(Ok(true));
-                    }
-                    return Poll::Ready(Err(WriteError::Io(e)));
+                    write_failed = Some(e);
+                    continue;
                 }
                 Poll::Pending => return Poll::Pending,
             }
