@@ -15,6 +15,15 @@ fn main() -> ExitCode {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    // The access log waits for the runtime to run out of work, then goes out in one write
+    // (telemetry::batch_logs); what is still waiting is written before a panic aborts and at exit.
+    aleph_proxy::telemetry::batch_logs(true);
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        aleph_proxy::telemetry::flush_logs();
+        report(info)
+    }));
+    builder.on_thread_park(aleph_proxy::telemetry::flush_logs);
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -22,5 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(aleph_proxy::cli::main(cli))
+    let code = runtime.block_on(aleph_proxy::cli::main(cli));
+    aleph_proxy::telemetry::batch_logs(false);
+    code
 }

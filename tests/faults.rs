@@ -858,15 +858,20 @@ fn free_port() -> u16 {
 
 impl Binary {
     async fn start(mock: &Mock, extra: &str) -> Binary {
+        Self::start_with_env(mock, extra, &[]).await
+    }
+
+    /// `start`, with these environment variables set for the process.
+    async fn start_with_env(mock: &Mock, extra: &str, env: &[(&str, &str)]) -> Binary {
         for _ in 0..5 {
-            if let Some(b) = Self::try_start(mock, extra).await {
+            if let Some(b) = Self::try_start(mock, extra, env).await {
                 return b;
             }
         }
         panic!("the binary did not start on free ports five times");
     }
 
-    async fn try_start(mock: &Mock, extra: &str) -> Option<Binary> {
+    async fn try_start(mock: &Mock, extra: &str, env: &[(&str, &str)]) -> Option<Binary> {
         let dir = tempfile::tempdir().unwrap();
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -903,10 +908,11 @@ default = "contract-123"
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, _) in std::env::vars() {
-            if k.starts_with("ALEPH_PROXY_") {
+            if k.starts_with("ALEPH_PROXY_") || k == "TOKIO_WORKER_THREADS" {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
@@ -1123,6 +1129,66 @@ async fn a_second_signal_ends_the_drain_at_once() {
         received += c.len();
     }
     assert!(received < MockOptions::default().asset_size);
+}
+
+/// The access log is written in batches (whenever the proxy runs out of work, or every 32 KiB);
+/// none of it may be lost on the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_log_line_is_written_before_a_clean_exit() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    // Both schedulers: one worker is the current-thread one, which never parks after its last line.
+    for workers in ["1", "2"] {
+        every_log_line_is_written_before_a_clean_exit_with(&mock, workers).await;
+    }
+}
+
+async fn every_log_line_is_written_before_a_clean_exit_with(mock: &Mock, workers: &str) {
+    let mut b = Binary::start_with_env(mock, "", &[("TOKIO_WORKER_THREADS", workers)]).await;
+    // Enough requests on enough connections that lines pile up while the proxy is busy.
+    const CONNS: usize = 16;
+    const EACH: usize = 50;
+    let c = client();
+    let mut tasks = Vec::new();
+    for conn in 0..CONNS {
+        let (c, url) = (c.clone(), format!("http://{}/tasking/products/", b.proxy));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let r = c
+                    .get(&url)
+                    .header("x-request-id", format!("burst-{conn}-{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    b.signal("TERM");
+    let status = b.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", b.log());
+    // The last line, logged after the runtime's last idle moment: only the exit writes it.
+    eventually(Duration::from_secs(5), || async {
+        b.log().contains("stopped")
+    })
+    .await;
+    let log = b.log();
+    let missing: Vec<String> = (0..CONNS)
+        .flat_map(|conn| (0..EACH).map(move |i| format!("request_id=\"burst-{conn}-{i}\"")))
+        .filter(|id| {
+            !log.lines()
+                .any(|l| l.contains(id.as_str()) && l.contains("status=200"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{workers} worker(s): no access log line for {missing:?}"
+    );
+    assert!(log.trim_end().ends_with("clean=true"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

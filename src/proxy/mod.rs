@@ -229,7 +229,8 @@ pub async fn handle(
         count_request(&method, status);
         if let Some(started) = started {
             // Only for the log line: no header lookup when the access log is off.
-            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // Whole microseconds: `0.545`, not `0.5450630000000001`.
+            let latency_ms = started.elapsed().as_micros() as f64 / 1000.0;
             let proxy_error = resp
                 .headers()
                 .get(crate::error::ERROR_HEADER)
