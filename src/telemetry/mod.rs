@@ -8,10 +8,13 @@ use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+mod json;
 
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init_logging(format: LogFormat) {
@@ -22,10 +25,8 @@ pub fn init_logging(format: LogFormat) {
     let _ = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .flatten_event(true)
+            .fmt_fields(JsonFields::new())
+            .event_format(json::JsonLines)
             .try_init(),
     };
 }
