@@ -268,7 +268,9 @@ class Bench:
                 # The same as aleph-*, with --alt-bin: A/B comparisons of two builds in one run.
                 self.start_aleph(name, variant, binary=self.args.alt_bin)
             elif kind == "nginx":
-                workers = int(variant.lstrip("w") or 1)
+                # nginx-wN+log: with nginx's default access log (combined format, a write per
+                # request) to a file, the counterpart of aleph-wN+info.
+                workers = int(variant.split("+")[0].lstrip("w") or 1)
                 port = free_port()
                 conf = fill(
                     "nginx-proxy.conf",
@@ -281,6 +283,9 @@ class Bench:
                 # Each nginx instance needs its own pid file.
                 with open(conf) as f:
                     text = f.read().replace("nginx-proxy.pid", f"{name}.pid")
+                if variant.endswith("+log"):
+                    log = os.path.join(w, f"{name}.access.log")
+                    text = text.replace("access_log off;", f"access_log {log};")
                 with open(conf, "w") as f:
                     f.write(text)
                 p = self.start(
@@ -312,7 +317,9 @@ class Bench:
                 sys.exit(f"unknown target {name}")
 
     def start_aleph(self, name, variant, upstream_port=None, binary=None, role="target"):
-        """Variants: w1/w2 = tokio worker threads; +rw = link rewriting on; +info = RUST_LOG=info."""
+        """Variants: w1/w2 = tokio worker threads; +rw = link rewriting on; +info = RUST_LOG=info
+        (the default: an access log line per request, text); +json = the same as JSON lines (the
+        container image's default)."""
         parts = variant.split("+")
         threads = int(parts[0].lstrip("w") or 2)
         port, admin = free_port(), free_port()
@@ -329,7 +336,9 @@ class Bench:
             k: v for k, v in os.environ.items() if not k.startswith("ALEPH_PROXY_")
         }
         env["TOKIO_WORKER_THREADS"] = str(threads)
-        env["RUST_LOG"] = "info" if "info" in parts else "warn"
+        env["RUST_LOG"] = "info" if ("info" in parts or "json" in parts) else "warn"
+        if "json" in parts:
+            env["ALEPH_PROXY_LOG__FORMAT"] = "json"
         for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
             env.pop(k, None)
         p = self.start(
@@ -515,7 +524,9 @@ def machine():
 
 
 def is_peer(n):
-    return n.startswith("nginx") or n.startswith("haproxy")
+    """The peers the targets are judged against: nginx and HAProxy without an access log, as
+    aleph-wN without +info/+json (nginx-wN+log is reported beside them, not counted)."""
+    return (n.startswith("nginx") or n.startswith("haproxy")) and "+" not in n
 
 
 def report(args, bench, results, many, transfers):
@@ -624,7 +635,7 @@ def main():
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument(
         "--targets",
-        default="direct,aleph-w1,aleph-w2,nginx-w1,nginx-w2,haproxy-w1,haproxy-w2,aleph-w1+rw,aleph-w1+info",
+        default="direct,aleph-w1,aleph-w2,nginx-w1,nginx-w2,haproxy-w1,haproxy-w2,aleph-w1+rw,aleph-w1+info,aleph-w1+json,nginx-w1+log",
     )
     ap.add_argument(
         "--no-pin",

@@ -11,9 +11,11 @@
 # Needs (Debian): apt-get install -y nginx-light haproxy wrk curl python3
 # Any other flag goes to bench/bench.py (--rounds N, --duration S, --conns C, --targets a,b,
 # --no-transfers, --keep, --out FILE); --bin PATH uses a prebuilt aleph-proxy binary.
-# Targets: direct, aleph-wN[+rw][+info] (N tokio worker threads, 1 = the current-thread
-# runtime; +rw link rewriting on,
-# +info RUST_LOG=info instead of warn), nginx-wN, haproxy-wN (N workers / threads).
+# Targets: direct, aleph-wN[+rw][+info|+json] (N tokio worker threads, 1 = the current-thread
+# runtime; +rw link rewriting on; +info RUST_LOG=info instead of warn, the default access log
+# line per request; +json the same as JSON lines), nginx-wN[+log] (+log: nginx's default access
+# log to a file), haproxy-wN (N workers / threads). The ratios "vs best peer" are against the
+# nginx and HAProxy targets without +log.
 # The release build uses CARGO_TARGET_DIR if set (default: target/).
 # Results: printed, and written to bench/out/latest.md.
 set -euo pipefail
@@ -47,7 +49,7 @@ fi
 mkdir -p bench/out
 if [[ $smoke -eq 1 ]]; then
     set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 \
-        --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1
+        --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w1+json,nginx-w1+log
 else
     set --
 fi
