@@ -411,6 +411,20 @@ class Bench:
                 )
         return results
 
+    def paired(self, names, slices, seconds):
+        """Short back-to-back runs of a few targets, the order rotated every slice. The host's
+        noise here moves over seconds to minutes (one target: 26k to 52k req/s across the rounds
+        of one run), so runs a minute apart compare badly; runs a second apart share most of it.
+        Each slice gives every target's ratio to each peer in that slice."""
+        names = [n for n in names if n in self.targets]
+        for n in names:
+            wrk(self.targets[n][0], self.args.conns, 1)
+        out = []
+        for i in range(slices):
+            order = names[i % len(names):] + names[: i % len(names)]
+            out.append({n: self.measure(n, self.args.conns, seconds) for n in order})
+        return names, out
+
     def many_connections(self, name, conns):
         port, p = self.targets[name]
         p.reset_hwm()
@@ -529,6 +543,45 @@ def is_peer(n):
     return (n.startswith("nginx") or n.startswith("haproxy")) and "+" not in n
 
 
+def quantiles(xs):
+    """Median and interquartile range (25th, 75th percentile)."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[1], q[0], q[2]
+
+
+def report_paired(args, names, slices):
+    ours = [n for n in names if not is_peer(n)]
+    peers = [n for n in names if is_peer(n)]
+    lines = [
+        f"Paired slices: {len(slices)} slices of `wrk -t1 -c{args.conns} -d{args.paired_seconds}s` "
+        f"on {', '.join(names)} back to back, the order rotated every slice; the ratio of each "
+        "target to each peer inside every slice, median [25th-75th percentile]; wins = slices "
+        "where the target did better. CPU/req from the targets' /proc times.",
+        "",
+        "| target vs peer | req/s ratio | req/s wins | p99 ratio | p99 wins | CPU/req ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for a in ours:
+        for b in peers:
+            rps = [sl[a]["rps"] / sl[b]["rps"] for sl in slices]
+            p99 = [sl[a]["p99"] / sl[b]["p99"] for sl in slices]
+            cpu = [
+                (sl[a]["cpu_s"] / sl[a]["requests"]) / (sl[b]["cpu_s"] / sl[b]["requests"])
+                for sl in slices
+                if sl[a]["requests"] and sl[b]["requests"] and sl[b]["cpu_s"]
+            ]
+            fmt = "{:.3f} [{:.3f}-{:.3f}]"
+            lines.append(
+                f"| {a} vs {b} | {fmt.format(*quantiles(rps))} | {sum(r > 1 for r in rps)}/{len(rps)} | "
+                f"{fmt.format(*quantiles(p99))} | {sum(r < 1 for r in p99)}/{len(p99)} | "
+                + (fmt.format(*quantiles(cpu)) if cpu else "-")
+                + " |"
+            )
+    return lines
+
+
 def report(args, bench, results, many, transfers):
     lines = []
     lines.append(f"aleph-proxy: {args.bin}" + (f"; alt: {args.alt_bin}" if args.alt_bin else ""))
@@ -631,6 +684,13 @@ def main():
     ap.add_argument("--upload-mib", type=int, default=256)
     ap.add_argument("--transfer-rounds", type=int, default=9)
     ap.add_argument("--no-transfers", action="store_true")
+    ap.add_argument(
+        "--paired",
+        default="aleph-w1,nginx-w1,nginx-w2,haproxy-w1,haproxy-w2",
+        help="targets for the paired slices (each of them must also be in --targets)",
+    )
+    ap.add_argument("--paired-slices", type=int, default=30, help="0: no paired slices")
+    ap.add_argument("--paired-seconds", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument(
@@ -663,8 +723,13 @@ def main():
         if aleph and args.many_conns:
             name = "aleph-w1" if "aleph-w1" in bench.targets else aleph[0]
             many = (name, bench.many_connections(name, args.many_conns))
+        paired = None
+        if args.paired_slices:
+            paired = bench.paired(args.paired.split(","), args.paired_slices, args.paired_seconds)
         transfers = None if args.no_transfers else bench.transfers()
         lines = ["Machine:", ""] + machine() + [""] + report(args, bench, results, many, transfers)
+        if paired and paired[1]:
+            lines += [""] + report_paired(args, *paired)
         text = "\n".join(lines) + "\n"
         print()
         print(text)

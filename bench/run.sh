@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # aleph-proxy benchmark: direct vs aleph-proxy vs nginx vs HAProxy, all on loopback.
 #
-#   bench/run.sh            full run (~10 min): release build, 7 alternating rounds of 5 s per
-#                           target, 256-connection RSS run, 1 GiB download + 256 MiB upload;
+#   bench/run.sh            full run (~20 min): release build, 7 alternating rounds of 5 s per
+#                           target, 256-connection RSS run, 30 paired slices of aleph-w1 and
+#                           the peers, 1 GiB download + 256 MiB upload;
 #                           the target pinned to the last CPU, the rest on the others
 #                           (--no-pin to turn that off)
 #   bench/run.sh --smoke    CI smoke (~45 s): debug build, 1 round of 2 s, 16 MiB transfers;
@@ -48,8 +49,9 @@ fi
 
 mkdir -p bench/out
 if [[ $smoke -eq 1 ]]; then
-    set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 \
-        --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w1+json,nginx-w1+log
+    set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 --paired-slices 2 --paired-seconds 1 \
+        --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w1+json,nginx-w1+log \
+        --paired aleph-w1,nginx-w1,haproxy-w1
 else
     set --
 fi
