@@ -7,7 +7,7 @@ binary given, starts aleph-proxy under callgrind, warms it up, zeroes the counte
 wrk load on it, dumps the counters and divides by the requests wrk completed. With --peers, nginx
 and HAProxy (1 worker each, the bench.py configurations) are counted the same way.
 
-    bench/instructions.py --bin target/release/aleph-proxy [--bin OTHER ...] [--peers]
+    bench/instructions.py --bin target/release/aleph-proxy [--bin OTHER ...] [--peers] [--variant w1+info]
 
 Needs valgrind (apt-get install -y valgrind) besides bench.py's packages. Kernel time is not
 counted: it is the same four socket calls per request for every proxy (BENCHMARKS.md).
@@ -69,6 +69,12 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--variant",
+        default="w1",
+        help="aleph-proxy variant as in bench.py (w1, w1+info, w1+json, w1+rw); the count is "
+        "single-threaded, so use w1",
+    )
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "nginx", "wrk"):
         if not B.shutil.which(tool):
@@ -85,9 +91,9 @@ def main():
             with open(wrapper, "w") as f:
                 f.write("#!/bin/sh\nexec " + " ".join(callgrind_argv(w, name, [binary])) + ' "$@"\n')
             os.chmod(wrapper, 0o755)
-            port, p = bench.start_aleph(name, "w1", binary=wrapper)
+            port, p = bench.start_aleph(name, args.variant, binary=wrapper)
             per, n = count(bench, name, port, p.p.pid, args.conns, args.duration)
-            rows.append((f"aleph-proxy {binary}", per, n))
+            rows.append((f"aleph-proxy {binary} ({args.variant})", per, n))
             p.stop()
         if args.peers:
             port = B.free_port()
