@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     aleph_proxy::telemetry::batch_logs(true);
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        aleph_proxy::telemetry::flush_logs();
+        aleph_proxy::telemetry::flush_logs_on_panic();
         report(info)
     }));
     builder.on_thread_park(aleph_proxy::telemetry::flush_logs);

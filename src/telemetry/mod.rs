@@ -32,7 +32,7 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// Log lines waiting for [`flush_logs`] (see [`batch_logs`]).
-static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static PENDING: Pending = Pending::new();
 static BATCHING: AtomicBool = AtomicBool::new(false);
 /// Pending lines are written out once they reach this size, idle or not.
 const PENDING_LIMIT: usize = 32 * 1024;
@@ -55,17 +55,62 @@ pub fn batch_logs(on: bool) {
 
 /// Writes out the lines waiting under [`batch_logs`].
 pub fn flush_logs() {
-    let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    if !pending.is_empty() {
-        write_stderr(&pending);
-        pending.clear();
+    PENDING.flush(&mut std::io::stderr());
+}
+
+/// [`flush_logs`] for a panic hook: skipped if the buffer is locked (by a thread that is
+/// writing it out, or by the panicking thread itself, which would otherwise wait forever).
+pub fn flush_logs_on_panic() {
+    PENDING.try_flush(&mut std::io::stderr());
+}
+
+/// Lines waiting to be written, in the order they were logged.
+struct Pending(Mutex<Vec<u8>>);
+
+impl Pending {
+    const fn new() -> Pending {
+        Pending(Mutex::new(Vec::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One whole line: kept (`wait`) until the buffer fills or is flushed, or written at once
+    /// after the lines before it.
+    fn line(&self, line: &[u8], wait: bool, out: &mut impl Write) {
+        let mut pending = self.lock();
+        if wait {
+            pending.extend_from_slice(line);
+            if pending.len() >= PENDING_LIMIT {
+                write_out(&mut pending, out);
+            }
+        } else {
+            write_out(&mut pending, out);
+            // As tracing-subscriber does with its writer's errors: a line that cannot be
+            // written is dropped; there is nowhere left to report it.
+            let _ = out.write_all(line);
+        }
+    }
+
+    fn flush(&self, out: &mut impl Write) {
+        write_out(&mut self.lock(), out);
+    }
+
+    fn try_flush(&self, out: &mut impl Write) {
+        match self.0.try_lock() {
+            Ok(mut pending) => write_out(&mut pending, out),
+            Err(std::sync::TryLockError::Poisoned(e)) => write_out(&mut e.into_inner(), out),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
     }
 }
 
-fn write_stderr(bytes: &[u8]) {
-    // As tracing-subscriber does with its writer's errors: a log line that cannot be written is
-    // dropped; there is nowhere left to report it.
-    let _ = std::io::stderr().lock().write_all(bytes);
+fn write_out(pending: &mut Vec<u8>, out: &mut impl Write) {
+    if !pending.is_empty() {
+        let _ = out.write_all(pending);
+        pending.clear();
+    }
 }
 
 /// The subscriber's writer: stderr, through [`PENDING`] when batching (see [`batch_logs`]).
@@ -93,20 +138,7 @@ impl<'a> MakeWriter<'a> for Stderr {
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-        if self.batch {
-            pending.extend_from_slice(buf);
-            if pending.len() >= PENDING_LIMIT {
-                write_stderr(&pending);
-                pending.clear();
-            }
-        } else {
-            if !pending.is_empty() {
-                write_stderr(&pending);
-                pending.clear();
-            }
-            write_stderr(buf);
-        }
+        PENDING.line(buf, self.batch, &mut std::io::stderr());
         Ok(buf.len())
     }
 
@@ -218,4 +250,54 @@ fn describe() {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!("aleph_proxy_in_flight_requests").increment(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_lines_keep_their_order_and_leave_by_flush_limit_or_an_urgent_line() {
+        let p = Pending::new();
+        let mut out = Vec::new();
+        p.line(b"info 1\n", true, &mut out);
+        p.line(b"info 2\n", true, &mut out);
+        assert!(out.is_empty(), "waiting lines are not written yet");
+        p.line(b"warn 3\n", false, &mut out);
+        assert_eq!(
+            out, b"info 1\ninfo 2\nwarn 3\n",
+            "an urgent line follows the waiting ones"
+        );
+        p.line(b"info 4\n", true, &mut out);
+        p.flush(&mut out);
+        assert_eq!(out, b"info 1\ninfo 2\nwarn 3\ninfo 4\n");
+        p.flush(&mut out);
+        assert_eq!(out.len(), 28, "a flush with nothing waiting writes nothing");
+
+        let mut out = Vec::new();
+        let line = [b'x'; 1000];
+        for _ in 0..PENDING_LIMIT / 1000 {
+            p.line(&line, true, &mut out);
+        }
+        assert!(out.is_empty());
+        p.line(&line, true, &mut out);
+        assert_eq!(
+            out.len(),
+            (PENDING_LIMIT / 1000 + 1) * 1000,
+            "the limit writes all of it"
+        );
+    }
+
+    #[test]
+    fn a_panic_flush_skips_a_buffer_that_is_in_use() {
+        let p = Pending::new();
+        let mut out = Vec::new();
+        p.line(b"info\n", true, &mut out);
+        let held = p.lock();
+        p.try_flush(&mut out);
+        assert!(out.is_empty());
+        drop(held);
+        p.try_flush(&mut out);
+        assert_eq!(out, b"info\n");
+    }
 }
