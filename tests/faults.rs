@@ -1069,15 +1069,8 @@ async fn the_drain_timeout_bounds_shutdown_and_still_exits_0() {
     init();
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let mut b = Binary::start(&mock, "[shutdown]\ndrain_timeout = \"500ms\"").await;
-    // 4 MiB at 256 KiB/s: 16 s, far longer than the drain timeout.
-    mock.state.asset_rate.store(256 * 1024, Ordering::SeqCst);
-    let mut resp = client()
-        .get(format!("http://{}/assets/l1d/item-2/analytic", b.proxy))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut received = resp.chunk().await.unwrap().map_or(0, |c| c.len());
+    // 16 s, far longer than the drain timeout.
+    let (resp, received) = slow_download(&mock, &b, "item-2").await;
     let started = Instant::now();
     b.signal("TERM");
     let status = b.wait_exit(Duration::from_secs(10)).await;
@@ -1085,7 +1078,26 @@ async fn the_drain_timeout_bounds_shutdown_and_still_exits_0() {
     assert_eq!(status.code(), Some(0), "{}", b.log());
     assert!(took < Duration::from_secs(4), "exit took {took:?}");
     assert!(b.log().contains("drain timeout reached"), "{}", b.log());
-    // The cut-off download ends short (with an error), never as a complete body.
+    assert_cut_off(resp, received).await;
+}
+
+/// A download through `b` at 256 KiB/s (4 MiB: 16 s), once its first chunk has arrived; with the
+/// bytes received so far.
+async fn slow_download(mock: &Mock, b: &Binary, item: &str) -> (reqwest::Response, usize) {
+    mock.state.asset_rate.store(256 * 1024, Ordering::SeqCst);
+    let mut resp = client()
+        .get(format!("http://{}/assets/l1d/{item}/analytic", b.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let received = resp.chunk().await.unwrap().map_or(0, |c| c.len());
+    (resp, received)
+}
+
+/// The rest of a download that shutdown cut off: it ends short (with an error), never as a
+/// complete body.
+async fn assert_cut_off(mut resp: reqwest::Response, mut received: usize) {
     while let Ok(Some(c)) = resp.chunk().await {
         received += c.len();
     }
@@ -1097,15 +1109,8 @@ async fn a_second_signal_ends_the_drain_at_once() {
     init();
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let mut b = Binary::start(&mock, "[shutdown]\ndrain_timeout = \"120s\"").await;
-    // 4 MiB at 256 KiB/s: 16 s, and the drain would wait for all of it.
-    mock.state.asset_rate.store(256 * 1024, Ordering::SeqCst);
-    let mut resp = client()
-        .get(format!("http://{}/assets/l1d/item-3/analytic", b.proxy))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut received = resp.chunk().await.unwrap().map_or(0, |c| c.len());
+    // 16 s, and the drain would wait for all of it.
+    let (resp, received) = slow_download(&mock, &b, "item-3").await;
     b.signal("TERM");
     // The first signal is handled (draining: no new connections) before the second is sent:
     // two signals pending at once would reach the process as one.
@@ -1124,11 +1129,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
     let log = b.log();
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("SIGINT received again: stopping now"), "{log}");
-    // The download was cut off: it ends short, never as a complete body.
-    while let Ok(Some(c)) = resp.chunk().await {
-        received += c.len();
-    }
-    assert!(received < MockOptions::default().asset_size);
+    assert_cut_off(resp, received).await;
 }
 
 /// The access log is written in batches (whenever the proxy runs out of work, or every 32 KiB);

@@ -47,18 +47,19 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        LINE.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                self.line(ctx, &mut line, event)?;
-                writer.write_str(std::str::from_utf8(&line).map_err(|_| fmt::Error)?)
-            }
-            // A field's Debug that logs: this line gets its own buffer.
-            Err(_) => {
-                let mut line = Vec::new();
-                self.line(ctx, &mut line, event)?;
-                writer.write_str(std::str::from_utf8(&line).map_err(|_| fmt::Error)?)
-            }
+        LINE.with(|cell| {
+            let mut reused = cell.try_borrow_mut();
+            let mut own = Vec::new();
+            let line = match reused.as_deref_mut() {
+                Ok(line) => {
+                    line.clear();
+                    line
+                }
+                // A field's Debug that logs: this line gets its own buffer.
+                Err(_) => &mut own,
+            };
+            self.line(ctx, line, event)?;
+            writer.write_str(std::str::from_utf8(line).map_err(|_| fmt::Error)?)
         })
     }
 }
