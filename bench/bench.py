@@ -29,18 +29,18 @@ PIN = {"target": None, "rest": None}
 
 
 def pinned(argv, role):
-    # role "free": not pinned (the transfers: direct and proxied runs get the same CPUs).
+    # role "free": not pinned (the transfers place their processes themselves).
     cpus = PIN.get(role)
     return (["taskset", "-c", cpus] + argv) if cpus else argv
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
 
-def unpin(proc):
-    """Lets a process started pinned (and its threads and children) run on every CPU again."""
+def set_cpus(proc, cpus=None):
+    """Moves a running process (its threads and children) to `cpus`; None: every CPU."""
     if shutil.which("taskset") is None:
         return
-    cpus = f"0-{(os.cpu_count() or 1) - 1}"
+    cpus = cpus or f"0-{(os.cpu_count() or 1) - 1}"
     for pid in [proc.p.pid] + children(proc.p.pid):
         subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True)
 
@@ -319,7 +319,8 @@ class Bench:
     def start_aleph(self, name, variant, upstream_port=None, binary=None, role="target"):
         """Variants: w1/w2 = tokio worker threads; +rw = link rewriting on; +info = RUST_LOG=info
         (the default: an access log line per request, text); +json = the same as JSON lines (the
-        container image's default)."""
+        container image's default); +sys = tcp.client_congestion_control = "system" (the host's
+        algorithm on client connections, where the default `auto` leaves BBR on loopback)."""
         parts = variant.split("+")
         threads = int(parts[0].lstrip("w") or 2)
         port, admin = free_port(), free_port()
@@ -339,6 +340,8 @@ class Bench:
         env["RUST_LOG"] = "info" if ("info" in parts or "json" in parts) else "warn"
         if "json" in parts:
             env["ALEPH_PROXY_LOG__FORMAT"] = "json"
+        if "sys" in parts:
+            env["ALEPH_PROXY_TCP__CLIENT_CONGESTION_CONTROL"] = "system"
         for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
             env.pop(k, None)
         p = self.start(
@@ -448,36 +451,52 @@ class Bench:
             return None
         # Fresh instances (2 worker threads, the default on this machine): their peak RSS is the
         # transfer's, not what the load runs before left in the allocator.
-        # Nothing is pinned here: curl, the upstream, the sink, aleph-proxy and the relay may all
-        # run on any CPU, so the direct and the proxied runs have the same CPUs to share.
         dl_port, aleph_dl = self.start_aleph("aleph-download", "w2", role="free")
+        # The same with the host's congestion control on the client leg (BBR on many hosts):
+        # what `auto` changes.
+        sys_port, aleph_sys = self.start_aleph("aleph-download-sys", "w2+sys", role="free")
         sink_port, aleph_up = self.start_aleph(
             "aleph-upload", "w2", upstream_port=self.sink_port, role="free"
         )
         del self.targets["aleph-download"]
+        del self.targets["aleph-download-sys"]
         del self.targets["aleph-upload"]
-        for p in (self.upstream, self.sink):
-            unpin(p)
         # The reference relay (helpers.py relay): splice(2) and nothing else, no HTTP.
         relay = {}
         if hasattr(os, "splice"):
             for kind, up_port in (("download", self.up_port), ("upload", self.sink_port)):
                 port = free_port()
-                self.start(
+                relay[kind] = port
+                relay[kind + "-proc"] = self.start(
                     f"relay-{kind}",
                     [sys.executable, os.path.join(HERE, "helpers.py"), "relay", str(port), str(up_port)],
                     port=port,
                     role="free",
                 )
-                relay[kind] = port
-        who_all = ["direct", "aleph"] + (["relay"] if relay else [])
-        res = {k: {w: [] for w in who_all} | {"hwm": 0.0, "cpu": []} for k in ("download", "upload")}
+        servers = [self.upstream, self.sink, aleph_dl, aleph_sys, aleph_up] + [
+            v for k, v in relay.items() if k.endswith("-proc")
+        ]
+        who_all = ["direct", "aleph", "aleph-sys"] + (["relay"] if relay else [])
+        # Two placements, every round in both:
+        # - "client core": curl alone on CPU 0 in every run; the upstream (or sink), aleph-proxy
+        #   and the relay share the other CPUs. The client has the same core direct and proxied,
+        #   and the proxy has no core of its own: it must fit beside the upstream.
+        # - "free": nothing pinned; curl, the upstream, the proxy and the relay share the CPUs as
+        #   the scheduler likes, and a third process takes turns with curl.
+        ncpu = os.cpu_count() or 1
+        placements = ["free"]
+        if PIN["target"] and ncpu >= 2:
+            placements.insert(0, "client core")
+        res = {
+            pl: {k: {w: [] for w in who_all} | {"hwm": 0.0, "cpu": []} for k in ("download", "upload")}
+            for pl in placements
+        }
 
-        def curl(args, field):
-            out = subprocess.run(
-                ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"] + args,
-                capture_output=True, text=True, timeout=600,
-            )
+        def curl(args, field, cpus):
+            argv = ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-w", "%{http_code} %{" + field + "}"]
+            if cpus:
+                argv = ["taskset", "-c", cpus] + argv
+            out = subprocess.run(argv + args, capture_output=True, text=True, timeout=600)
             code, speed = out.stdout.split()
             if code != "200":
                 sys.exit(f"transfer failed: {args}: {code} {out.stderr}")
@@ -488,18 +507,30 @@ class Bench:
             "upload": (aleph_up, sink_port, self.sink_port, lambda port: ["-T", up, f"http://127.0.0.1:{port}/upload"], "speed_upload"),
         }
         for r in range(a.transfer_rounds):
-            # Each round in another order, so no one goes first every time.
-            order = who_all[r % len(who_all):] + who_all[: r % len(who_all)]
-            for kind, (proc, aleph_port, direct_port, argv, field) in kinds.items():
-                for who in order:
-                    port = {"direct": direct_port, "aleph": aleph_port, "relay": relay.get(kind)}[who]
-                    if who == "aleph":
-                        proc.reset_hwm()
-                        c0, t0 = proc.cpu_s(), time.monotonic()
-                    res[kind][who].append(curl(argv(port), field))
-                    if who == "aleph":
-                        res[kind]["hwm"] = max(res[kind]["hwm"], proc.hwm_mib())
-                        res[kind]["cpu"].append((proc.cpu_s() - c0) / (time.monotonic() - t0))
+            for pl in placements:
+                client_cpus = "0" if pl == "client core" else None
+                for p in servers:
+                    set_cpus(p, ("1" if ncpu == 2 else f"1-{ncpu - 1}") if client_cpus else None)
+                # Each round in another order, so no one goes first every time.
+                order = who_all[r % len(who_all):] + who_all[: r % len(who_all)]
+                for kind, (proc, aleph_port, direct_port, argv, field) in kinds.items():
+                    out = res[pl][kind]
+                    for who in order:
+                        if who == "aleph-sys" and kind != "download":
+                            continue  # the client leg's algorithm acts on what the proxy sends
+                        port = {
+                            "direct": direct_port,
+                            "aleph": aleph_port,
+                            "aleph-sys": sys_port,
+                            "relay": relay.get(kind),
+                        }[who]
+                        if who == "aleph":
+                            proc.reset_hwm()
+                            c0, t0 = proc.cpu_s(), time.monotonic()
+                        out[who].append(curl(argv(port), field, client_cpus))
+                        if who == "aleph":
+                            out["hwm"] = max(out["hwm"], proc.hwm_mib())
+                            out["cpu"].append((proc.cpu_s() - c0) / (time.monotonic() - t0))
         return res
 
 
@@ -508,6 +539,14 @@ class Bench:
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def sysctl(name):
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def machine():
@@ -531,7 +570,7 @@ def machine():
     return [
         f"- CPU: {os.cpu_count()} x {first('/proc/cpuinfo', 'model name')} "
         f"({first('/proc/cpuinfo', 'cpu MHz')} MHz), RAM {int(first('/proc/meminfo', 'MemTotal').split()[0]) // 1024} MiB",
-        f"- kernel: {os.uname().release}",
+        f"- kernel: {os.uname().release}; TCP congestion control: {sysctl('net/ipv4/tcp_congestion_control')}",
         f"- {version(['nginx', '-v'])}; {version(['haproxy', '-v'])}; {version(['wrk', '-v'])}",
         f"- load average before the run: {os.getloadavg()[0]:.2f}",
     ]
@@ -643,30 +682,42 @@ def report(args, bench, results, many, transfers):
         )
     if transfers:
         lines.append("")
-        relay = "relay" in transfers["download"]
+        first = next(iter(transfers.values()))
+        relay = "relay" in first["download"]
         lines.append(
-            f"Transfers (curl, {args.transfer_rounds} rounds in rotating order, medians; nothing pinned; "
+            f"Transfers (curl, {args.transfer_rounds} rounds, each in both placements, rotating order, "
+            "medians; placement `client core`: curl alone on CPU 0 in every run, the upstream, "
+            "aleph-proxy and the relay on the other CPUs; `free`: nothing pinned; "
             "aleph-proxy: fresh instances, 2 worker threads, peak RSS over their runs"
             + ("; relay: helpers.py relay, splice(2) and nothing else" if relay else "")
             + "):"
         )
         lines.append("")
         lines.append(
-            "| transfer | direct MiB/s | via aleph-proxy MiB/s | ratio (medians) | ratio (per round) | "
-            + ("via relay MiB/s | relay ratio | " if relay else "")
+            "| transfer | placement | direct MiB/s | via aleph-proxy MiB/s | ratio (medians) | ratio (per round) | "
+            + "via aleph-proxy, `system` congestion control: MiB/s (ratio medians / per round) | "
+            + ("via relay MiB/s | relay ratio (medians / per round) | " if relay else "")
             + "aleph-proxy peak RSS MiB | aleph-proxy CPU % |"
         )
-        lines.append("|---|---:|---:|---:|---:|" + ("---:|---:|" if relay else "") + "---:|---:|")
+        lines.append("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if relay else "") + "---:|---:|")
         for kind, size in (("download", args.download_mib), ("upload", args.upload_mib)):
-            t = transfers[kind]
-            d, al = med(t["direct"]), med(t["aleph"])
-            per_round = med([x / y for x, y in zip(t["aleph"], t["direct"])])
-            cpu = med(t["cpu"]) * 100
-            rl = f"{med(t['relay']):.0f} | {med(t['relay']) / d:.2f} | " if relay else ""
-            lines.append(
-                f"| {kind} {size} MiB | {d:.0f} | {al:.0f} | {al / d:.2f} | {per_round:.2f} | {rl}"
-                f"{t['hwm']:.1f} | {cpu:.0f} |"
-            )
+            for pl, by_kind in transfers.items():
+                t = by_kind[kind]
+                d, al = med(t["direct"]), med(t["aleph"])
+                per_round = med([x / y for x, y in zip(t["aleph"], t["direct"])])
+                cpu = med(t["cpu"]) * 100
+                sy = "-"
+                if t["aleph-sys"]:
+                    sr = med([x / y for x, y in zip(t["aleph-sys"], t["direct"])])
+                    sy = f"{med(t['aleph-sys']):.0f} ({med(t['aleph-sys']) / d:.2f} / {sr:.2f})"
+                rl = ""
+                if relay:
+                    rr = med([x / y for x, y in zip(t["relay"], t["direct"])])
+                    rl = f"{med(t['relay']):.0f} | {med(t['relay']) / d:.2f} / {rr:.2f} | "
+                lines.append(
+                    f"| {kind} {size} MiB | {pl} | {d:.0f} | {al:.0f} | {al / d:.2f} | {per_round:.2f} | {sy} | {rl}"
+                    f"{t['hwm']:.1f} | {cpu:.0f} |"
+                )
     return lines
 
 

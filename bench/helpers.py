@@ -9,7 +9,7 @@
   helpers.py relay PORT UPSTREAM_PORT
                           the least any user-space relay can do: TCP bytes passed on unchanged
                           with splice(2) (1 MiB pipe, one blocking thread per direction), no HTTP,
-                          no headers. The transfers run it beside aleph-proxy as a reference: what
+                          no headers; Reno on the client leg, as aleph-proxy's default on loopback. The transfers run it beside aleph-proxy as a reference: what
                           a third process between curl and the upstream costs on this machine.
 """
 import fcntl
@@ -136,6 +136,12 @@ class Relay(socketserver.BaseRequestHandler):
     upstream_port = 0
 
     def handle(self):
+        # As aleph-proxy's default (tcp.client_congestion_control = "auto") does on loopback:
+        # Reno on the leg to the client, so the reference gets the same unpaced client leg.
+        try:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+        except (OSError, AttributeError):
+            pass
         up = socket.create_connection(("127.0.0.1", self.upstream_port))
         t = threading.Thread(target=pump, args=(self.request, up), daemon=True)
         t.start()

@@ -86,6 +86,8 @@ const KNOWN_KEYS: &[&str] = &[
     "rewrite.max_body_bytes",
     "log",
     "log.format",
+    "tcp",
+    "tcp.client_congestion_control",
 ];
 
 /// How the proxy authenticates to the API.
@@ -236,6 +238,7 @@ pub struct Config {
     pub cors_allowed_origins: Vec<String>,
     pub rewrite: RewriteConfig,
     pub log_format: LogFormat,
+    pub client_congestion: crate::tcp::Congestion,
     /// Things that work but deserve a warning (a world-readable secret file). Collected here
     /// because the configuration is read before logging is set up; `run` logs them.
     pub warnings: Vec<String>,
@@ -722,6 +725,13 @@ impl Parser<'_> {
                 LogFormat::Text
             }
         };
+        let client_congestion = match self.string("tcp.client_congestion_control") {
+            None => crate::tcp::Congestion::Auto,
+            Some(s) => crate::tcp::Congestion::parse(&s).unwrap_or_else(|e| {
+                self.problem(e);
+                crate::tcp::Congestion::Auto
+            }),
+        };
 
         Config {
             upstream,
@@ -738,6 +748,7 @@ impl Parser<'_> {
             cors_allowed_origins,
             rewrite,
             log_format,
+            client_congestion,
             warnings: Vec::new(),
         }
     }

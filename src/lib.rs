@@ -31,6 +31,7 @@ pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod splice;
+pub mod tcp;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;
@@ -79,6 +80,7 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
         let tcp = TcpListener::bind(l.listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.listen))
         })?;
+        tcp::setup_listener(&tcp, l.listen, &config.client_congestion)?;
         proxies.push(tcp);
     }
     let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {

@@ -293,6 +293,8 @@ fn bad_config_lists_every_problem_exits_non_zero_and_hides_secrets() {
         retry_max_backoff = "soon"
         [contract]
         routes = [{ prefix = "no-slash", id = "c" }]
+        [tcp]
+        client_congestion_control = "re no"
         "#,
     )
     .unwrap();
@@ -310,10 +312,45 @@ fn bad_config_lists_every_problem_exits_non_zero_and_hides_secrets() {
         "`auth.client_id` is required",
         "`auth.retry_max_backoff`",
         "`contract.routes[0].prefix`",
+        "`tcp.client_congestion_control`",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in\n{err}");
     }
     assert!(!err.contains("super-secret-value-123"));
+}
+
+#[test]
+fn a_congestion_control_the_kernel_lacks_stops_start_up_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        r#"
+        listen = "127.0.0.1:0"
+        [admin]
+        listen = "127.0.0.1:0"
+        [auth]
+        client_id = "x"
+        client_secret = "y"
+        token_url = "http://127.0.0.1:9/oauth/token"
+        [contract]
+        default = "c"
+        [tcp]
+        client_congestion_control = "nosuchalgo"
+        "#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::binary())
+        .args(["--config", path.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot use TCP congestion control \"nosuchalgo\" on 127.0.0.1:0")
+            && err.contains("no such algorithm"),
+        "{err}"
+    );
 }
 
 #[test]

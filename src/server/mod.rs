@@ -27,6 +27,7 @@ pub struct ConnSettings {
     pub limits: Arc<h1::Limits>,
     pub drain_timeout: Duration,
     pub cors: Option<CorsLayer>,
+    pub congestion: crate::tcp::Congestion,
 }
 impl ConnSettings {
     pub fn new(config: &Config) -> ConnSettings {
@@ -56,6 +57,7 @@ impl ConnSettings {
             }),
             drain_timeout: config.drain_timeout,
             cors,
+            congestion: config.client_congestion.clone(),
         }
     }
 }
@@ -70,6 +72,7 @@ pub async fn serve_proxy(
     cancel: CancellationToken,
 ) -> bool {
     let tracker = TaskTracker::new();
+    let congestion = crate::tcp::per_connection(&tcp, &settings.congestion);
     loop {
         let (stream, remote) = tokio::select! {
             biased;
@@ -91,6 +94,7 @@ pub async fn serve_proxy(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        crate::tcp::on_accept(&stream, remote, congestion);
         let state = state.clone();
         let limits = settings.limits.clone();
         let mut cors = settings
