@@ -256,6 +256,7 @@ pub async fn run_with(
             listen = %local_addr,
             upstream = %config.upstream.url,
             contract = lc.contract.default.as_deref().unwrap_or("(routes/discovery)"),
+            tcp_congestion_control = %tcp::describe(&tcp, &config.client_congestion),
             "proxy listening"
         );
         tasks.push(tokio::spawn(server::serve_proxy(

@@ -110,6 +110,16 @@ pub fn per_connection(tcp: &TcpListener, mode: &Congestion) -> Option<&'static s
     (!is_loopback(addr.ip()) && imp::get(tcp).is_some_and(|a| paces(&a))).then_some(UNPACED)
 }
 
+/// For the start-up log: the algorithm of the listener's connections, and the one loopback
+/// clients get when that differs.
+pub fn describe(tcp: &TcpListener, mode: &Congestion) -> String {
+    let own = imp::get(tcp).unwrap_or_else(|| "the host's default".into());
+    match per_connection(tcp, mode) {
+        Some(loopback) => format!("{own}, {loopback} for loopback clients"),
+        None => own,
+    }
+}
+
 /// Applies [`per_connection`]'s answer to an accepted connection (best effort).
 pub fn on_accept(stream: &TcpStream, remote: SocketAddr, algorithm: Option<&'static str>) {
     if let Some(algorithm) = algorithm {
@@ -216,6 +226,7 @@ mod tests {
         // Inherited: no per-connection call on a loopback listener.
         assert_eq!(per_connection(&tcp, &Congestion::Auto), None);
         assert_eq!(accepted_algorithm(&tcp, &Congestion::Auto).await, "reno");
+        assert_eq!(describe(&tcp, &Congestion::Auto), "reno");
 
         // A wildcard listener keeps BBR (peers from other hosts keep it); loopback peers leave it.
         let tcp = bbr_listener("0.0.0.0:0").await.unwrap();
@@ -224,6 +235,10 @@ mod tests {
         assert_eq!(algorithm(&tcp).as_deref(), Some("bbr"));
         assert_eq!(per_connection(&tcp, &Congestion::Auto), Some("reno"));
         assert_eq!(accepted_algorithm(&tcp, &Congestion::Auto).await, "reno");
+        assert_eq!(
+            describe(&tcp, &Congestion::Auto),
+            "bbr, reno for loopback clients"
+        );
     }
 
     #[tokio::test]
