@@ -462,20 +462,18 @@ class Bench:
         del self.targets["aleph-download-sys"]
         del self.targets["aleph-upload"]
         # The reference relay (helpers.py relay): splice(2) and nothing else, no HTTP.
-        relay = {}
+        relay, relay_procs = {}, []
         if hasattr(os, "splice"):
             for kind, up_port in (("download", self.up_port), ("upload", self.sink_port)):
                 port = free_port()
                 relay[kind] = port
-                relay[kind + "-proc"] = self.start(
+                relay_procs.append(self.start(
                     f"relay-{kind}",
                     [sys.executable, os.path.join(HERE, "helpers.py"), "relay", str(port), str(up_port)],
                     port=port,
                     role="free",
-                )
-        servers = [self.upstream, self.sink, aleph_dl, aleph_sys, aleph_up] + [
-            v for k, v in relay.items() if k.endswith("-proc")
-        ]
+                ))
+        servers = [self.upstream, self.sink, aleph_dl, aleph_sys, aleph_up] + relay_procs
         who_all = ["direct", "aleph", "aleph-sys"] + (["relay"] if relay else [])
         # Two placements, every round in both:
         # - "client core": curl alone on CPU 0 in every run; the upstream (or sink), aleph-proxy

@@ -129,11 +129,6 @@ pub fn on_accept(stream: &TcpStream, remote: SocketAddr, algorithm: Option<&'sta
     }
 }
 
-/// The algorithm a connected or listening socket uses.
-pub fn algorithm<S: imp::AsSocket>(socket: &S) -> Option<String> {
-    imp::get(socket)
-}
-
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod imp {
     pub use rustix::fd::AsFd as AsSocket;
@@ -211,7 +206,7 @@ mod tests {
         let _client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (stream, remote) = tcp.accept().await.unwrap();
         on_accept(&stream, remote, per);
-        algorithm(&stream).unwrap()
+        imp::get(&stream).unwrap()
     }
 
     #[tokio::test]
@@ -222,7 +217,7 @@ mod tests {
         };
         let addr = tcp.local_addr().unwrap();
         setup_listener(&tcp, addr, &Congestion::Auto).unwrap();
-        assert_eq!(algorithm(&tcp).as_deref(), Some("reno"));
+        assert_eq!(imp::get(&tcp).as_deref(), Some("reno"));
         // Inherited: no per-connection call on a loopback listener.
         assert_eq!(per_connection(&tcp, &Congestion::Auto), None);
         assert_eq!(accepted_algorithm(&tcp, &Congestion::Auto).await, "reno");
@@ -232,7 +227,7 @@ mod tests {
         let tcp = bbr_listener("0.0.0.0:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         setup_listener(&tcp, addr, &Congestion::Auto).unwrap();
-        assert_eq!(algorithm(&tcp).as_deref(), Some("bbr"));
+        assert_eq!(imp::get(&tcp).as_deref(), Some("bbr"));
         assert_eq!(per_connection(&tcp, &Congestion::Auto), Some("reno"));
         assert_eq!(accepted_algorithm(&tcp, &Congestion::Auto).await, "reno");
         assert_eq!(
