@@ -3,29 +3,44 @@
 #   docker build -t aleph-proxy:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker run --rm aleph-proxy:0.1.0 --help
 #
-# Two stages: a Debian Rust image compiles a fully static musl binary, and the
-# runtime image is distroless "static" (no shell, no package manager, no libc),
-# so the image is little more than the binary. TLS is rustls with the webpki
-# roots compiled in: reaching api.satellogic.com needs no CA bundle from the
-# image. (Behind a TLS-inspecting proxy, mount its CA and set `upstream_ca_file`.)
+# Two stages: a Debian Rust image compiles the release binary, and the runtime
+# image is distroless "cc" (glibc and libgcc, no shell, no package manager), so
+# the image is little more than the binary. TLS is rustls with the webpki roots
+# compiled in: reaching api.satellogic.com needs no CA bundle from the image.
+# (Behind a TLS-inspecting proxy, mount its CA and set `upstream_ca_file`.)
+#
+# The binary is the glibc build that BENCHMARKS.md measures. A fully static musl
+# build runs on distroless "static" instead (a smaller base image without glibc,
+# 2 to 3 MiB less RSS), but musl's malloc costs it 7% more instructions and
+# about 10% more CPU per request with two worker threads (BENCHMARKS.md, "The
+# container's binary"):
+#
+#   docker build --build-arg RUST_TARGET=x86_64-unknown-linux-musl \
+#     --build-arg RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot .
 
 # Pin a minor (rust:1.95-slim-bookworm) or a digest for reproducible release
-# builds; the crate's rust-version in Cargo.toml is the floor.
+# builds; the crate's rust-version in Cargo.toml is the floor. The glibc build
+# links against the build image's glibc: keep both images on the same Debian
+# release (bookworm = debian12), or the binary may need a newer glibc than the
+# runtime image has.
 ARG RUST_IMAGE=rust:1-slim-bookworm
-ARG RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS build
 
 # x86_64 by default. For arm64 build on an arm64 host (or buildx with
-# --platform linux/arm64) with --build-arg RUST_TARGET=aarch64-unknown-linux-musl.
-ARG RUST_TARGET=x86_64-unknown-linux-musl
+# --platform linux/arm64) with --build-arg RUST_TARGET=aarch64-unknown-linux-gnu
+# (or aarch64-unknown-linux-musl with the static runtime image).
+ARG RUST_TARGET=x86_64-unknown-linux-gnu
 
-# musl-tools provides musl-gcc, which the `cc` crate uses to compile ring's C
-# and assembly for the musl target.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools \
- && rm -rf /var/lib/apt/lists/* \
+# For a musl target, musl-tools provides musl-gcc, which the `cc` crate uses to
+# compile ring's C and assembly. The glibc build uses the image's gcc.
+RUN case "${RUST_TARGET}" in \
+      *-musl) apt-get update \
+        && apt-get install -y --no-install-recommends musl-tools \
+        && rm -rf /var/lib/apt/lists/* ;; \
+    esac \
  && rustup target add "${RUST_TARGET}"
 
 WORKDIR /src
@@ -51,23 +66,35 @@ RUN mkdir -p src benches \
 # a file pulled in with include_str! is never missing from the image build.
 COPY . .
 
-# The readelf test fails the build rather than ship a binary that needs a
-# dynamic loader the runtime image does not have; --help proves it starts.
+# The readelf tests fail the build rather than ship a binary the runtime image
+# cannot run: a musl build must be static (distroless "static" has no loader);
+# a glibc build may need only the libraries distroless "cc" has (the same list
+# is checked against every CI build by .ci/validate-deploy.sh). --help proves
+# it starts.
 RUN cargo build --release --locked --target "${RUST_TARGET}" \
  && install -D -m 0755 "target/${RUST_TARGET}/release/aleph-proxy" /out/aleph-proxy \
- && if readelf -l /out/aleph-proxy | grep -q 'program interpreter'; then \
-        echo 'aleph-proxy is dynamically linked; the static runtime image cannot run it' >&2; \
-        exit 1; \
-    fi \
+ && case "${RUST_TARGET}" in \
+      *-musl) if readelf -l /out/aleph-proxy | grep -q 'program interpreter'; then \
+            echo 'aleph-proxy is dynamically linked; the static runtime image cannot run it' >&2; \
+            exit 1; \
+        fi ;; \
+      *) for lib in $(readelf -d /out/aleph-proxy | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do \
+            case "$lib" in \
+              libc.so.6|libm.so.6|libgcc_s.so.1|libpthread.so.0|libdl.so.2|librt.so.1|ld-linux-*) ;; \
+              *) echo "aleph-proxy needs $lib, which distroless/cc does not have" >&2; exit 1 ;; \
+            esac; \
+        done ;; \
+    esac \
  && /out/aleph-proxy --help > /dev/null
 
 # ---------------------------------------------------------------------------
-# distroless/static:nonroot holds /etc/passwd with user "nonroot" (65532), a
-# CA bundle and tzdata, nothing else. `FROM scratch` with `USER 65532:65532`
-# also runs the proxy (its webpki roots are compiled in), but loses that CA
-# bundle, which the native-roots lookup would otherwise add to the trust store.
+# distroless/cc:nonroot holds glibc, libgcc, /etc/passwd with user "nonroot"
+# (65532), a CA bundle and tzdata, nothing else (distroless/static, for the
+# musl build, the same without the libraries). The CA bundle is what the
+# native-roots lookup adds to the trust store.
 FROM ${RUNTIME_IMAGE}
 
+ARG RUNTIME_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="aleph-proxy" \
@@ -75,7 +102,7 @@ LABEL org.opencontainers.image.title="aleph-proxy" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.base.name="gcr.io/distroless/static-debian12:nonroot"
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
 
 COPY --from=build /out/aleph-proxy /aleph-proxy
 

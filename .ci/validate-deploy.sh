@@ -10,8 +10,9 @@
 #   - deploy/docker-compose.yaml parses and keeps its safety properties;
 #   - cross-file invariants: drain timeout < grace periods, every ALEPH_PROXY_*
 #     variable and TOML key used is one the proxy accepts (KNOWN_KEYS in
-#     src/config.rs), and the Dockerfile's dependency-layer stubs cover every
-#     explicit target in Cargo.toml.
+#     src/config.rs), the Dockerfile's dependency-layer stubs cover every
+#     explicit target in Cargo.toml, and the binary CI built needs no shared
+#     library the runtime image (distroless/cc) lacks.
 # kubernetes-validate ships its schemas inside the package, so after the one
 # pip install this runs offline. Run from anywhere; it works from the repo root.
 set -euo pipefail
@@ -59,8 +60,11 @@ done
 
 echo "== cross-checks"
 "$PY" - "${manifests[@]}" <<'PY' || status=1
+import fnmatch
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
 
@@ -226,6 +230,30 @@ for kind, path in targets:
         problems.append(
             f"Cargo.toml declares {kind} target {path}, which the Dockerfile's dependency layer does not stub: the image build would fail"
         )
+
+# --- the binary's shared libraries vs the runtime image ------------------------
+# The image ships the glibc build on distroless/cc, which has glibc and libgcc and nothing
+# else. The Dockerfile refuses a binary that needs any other library; the same list (read
+# from the Dockerfile) is checked here against the build CI just made, so a new dependency
+# that links a system library fails here, not only in an image build.
+allowed = re.search(r'case "\$lib" in \\\n\s*([\w.|*+-]+)\)', dockerfile)
+if not allowed:
+    problems.append("Dockerfile: the list of libraries distroless/cc provides was not found")
+else:
+    allowed = set(allowed.group(1).split("|"))
+    for build in ("target/debug/aleph-proxy", "target/release/aleph-proxy"):
+        if not os.path.exists(build):
+            continue
+        if shutil.which("readelf") is None:
+            print("note: readelf not found; the binary's shared libraries not checked")
+            break
+        out = subprocess.run(["readelf", "-d", build], capture_output=True, text=True, check=True).stdout
+        needed = re.findall(r"Shared library: \[(.+?)\]", out)
+        missing = [lib for lib in needed if not any(fnmatch.fnmatchcase(lib, a) for a in allowed)]
+        for lib in missing:
+            problems.append(f"{build} needs {lib}, which the runtime image (distroless/cc) does not have")
+        if not missing:
+            print(f"{build}: needs {', '.join(needed) or 'nothing'}, all in the runtime image")
 
 # --- configuration keys vs the ones the proxy accepts ---------------------------
 # The proxy refuses unknown keys at start-up, so a misspelt env var or TOML key

@@ -601,7 +601,9 @@ def report_paired(args, names, slices):
         "|---|---:|---:|---:|---:|---:|",
     ]
     for a in ours:
-        for b in peers:
+        # An --alt-bin build is also compared with the same variant of --bin (the A/B row).
+        twin = "aleph-" + a[len("alt-"):] if a.startswith("alt-") else None
+        for b in peers + ([twin] if twin in names else []):
             rps = [sl[a]["rps"] / sl[b]["rps"] for sl in slices]
             p99 = [sl[a]["p99"] / sl[b]["p99"] for sl in slices]
             cpu = [
