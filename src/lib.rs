@@ -231,6 +231,15 @@ pub async fn run_with(
     {
         tracing::info!(via = %via, "upstream connections go through the egress proxy (HTTPS_PROXY / HTTP_PROXY)");
     }
+    let runtime = tokio::runtime::Handle::current();
+    tracing::info!(
+        scheduler = match runtime.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+            _ => "multi-thread",
+        },
+        worker_threads = runtime.metrics().num_workers(),
+        "async runtime (TOKIO_WORKER_THREADS sets the worker threads)"
+    );
     let settings = server::ConnSettings::new(&config);
     let mut tasks = Vec::new();
     for (lc, tcp) in config.listeners.iter().zip(bound.proxies) {

@@ -7,9 +7,21 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = aleph_proxy::cli::Cli::parse();
-    // One worker (TOKIO_WORKER_THREADS=1): the current-thread scheduler, no work-stealing
-    // machinery on the hot path. More: the multi-threaded one, one worker per core by default.
-    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    // One worker: the current-thread scheduler, everything on this thread, no work-stealing
+    // machinery and no second thread (against one worker of the multi-threaded one: the same CPU
+    // per request, a p99 about 4% lower; BENCHMARKS.md). Chosen with TOKIO_WORKER_THREADS=1, and
+    // when that is unset and the process may use less than two CPUs (one core, an affinity mask
+    // of one CPU, a cgroup limit below two cores such as a Kubernetes sidecar's
+    // `limits.cpu: 500m`), where the multi-threaded scheduler would run one worker anyway.
+    // Otherwise the multi-threaded one, one worker per usable CPU.
+    let one = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(v) => v.trim() == "1",
+        Err(std::env::VarError::NotPresent) => {
+            std::thread::available_parallelism().map_or(true, |n| n.get() == 1)
+        }
+        // Not Unicode: tokio's multi-threaded builder reports it.
+        Err(std::env::VarError::NotUnicode(_)) => false,
+    };
     let mut builder = if one {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -1070,6 +1070,93 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
     child.kill().await.unwrap();
 }
 
+/// `aleph-proxy demo` under `taskset -c CPUS` with `TOKIO_WORKER_THREADS` as given: the scheduler
+/// and worker count from the start-up line, and the demo's proxy address.
+async fn demo_runtime(cpus: &str, workers: Option<&str>) -> (String, String, Child) {
+    let mut c = Command::new("taskset");
+    c.args(["-c", cpus, support::binary()]);
+    c.args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .env_remove("RUST_LOG")
+    .env_remove("TOKIO_WORKER_THREADS")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    if let Some(n) = workers {
+        c.env("TOKIO_WORKER_THREADS", n);
+    }
+    let mut child = c.spawn().expect("taskset (util-linux) runs the binary");
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let runtime = loop {
+        let line = tokio::time::timeout(WAIT, err.next_line())
+            .await
+            .expect("the start-up lines")
+            .unwrap()
+            .expect("stderr open");
+        if line.contains("async runtime") {
+            break line;
+        }
+    };
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = loop {
+        let line = tokio::time::timeout(WAIT, out.next_line())
+            .await
+            .expect("demo prints its addresses")
+            .unwrap()
+            .expect("stdout open");
+        if let Some(rest) = line.split("the proxy on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    (runtime, proxy, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_usable_cpu_runs_the_current_thread_scheduler_unless_told_otherwise() {
+    // One CPU in the affinity mask (as a cgroup limit below two cores would give): the
+    // current-thread scheduler, and it serves.
+    let (line, proxy, mut child) = demo_runtime("0", None).await;
+    assert!(
+        line.contains(r#"scheduler="current-thread""#) && line.contains("worker_threads=1"),
+        "{line}"
+    );
+    let r = client()
+        .get(format!("http://{proxy}/contracts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    child.kill().await.unwrap();
+
+    // TOKIO_WORKER_THREADS beats the CPU count, both ways.
+    let (line, proxy, mut child) = demo_runtime("0", Some("2")).await;
+    assert!(
+        line.contains(r#"scheduler="multi-thread""#) && line.contains("worker_threads=2"),
+        "{line}"
+    );
+    let r = client()
+        .get(format!("http://{proxy}/contracts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    child.kill().await.unwrap();
+
+    let all = format!(
+        "0-{}",
+        std::thread::available_parallelism().unwrap().get() - 1
+    );
+    let (line, _, mut child) = demo_runtime(&all, Some("1")).await;
+    assert!(line.contains(r#"scheduler="current-thread""#), "{line}");
+    child.kill().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token cache
 
