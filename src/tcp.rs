@@ -6,7 +6,7 @@
 //! high-resolution timer instead of sending at once, and a client reading a large body falls
 //! asleep between bursts. Measured on a 2-core host with BBR as its default, a 1 GiB download
 //! through the proxy ran at 0.69 to 0.86 of direct with BBR on the proxy-to-client leg and at
-//! 0.89 to 1.19 with Reno (BENCHMARKS.md). So `auto`, the default, moves loopback client
+//! 0.83 to 1.19 with Reno (BENCHMARKS.md). So `auto`, the default, moves loopback client
 //! connections from a pacing algorithm (BBR) to Reno, the one algorithm Linux lets every
 //! process choose. Connections from other hosts keep the host's choice: across a real network
 //! the administrator chose BBR for a reason. The upstream leg always keeps the host's choice.
