@@ -1119,42 +1119,39 @@ async fn demo_runtime(cpus: &str, workers: Option<&str>) -> (String, String, Chi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_usable_cpu_runs_the_current_thread_scheduler_unless_told_otherwise() {
-    // One CPU in the affinity mask (as a cgroup limit below two cores would give): the
-    // current-thread scheduler, and it serves.
-    let (line, proxy, mut child) = demo_runtime("0", None).await;
-    assert!(
-        line.contains(r#"scheduler="current-thread""#) && line.contains("worker_threads=1"),
-        "{line}"
-    );
-    let r = client()
-        .get(format!("http://{proxy}/contracts"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    child.kill().await.unwrap();
-
-    // TOKIO_WORKER_THREADS beats the CPU count, both ways.
-    let (line, proxy, mut child) = demo_runtime("0", Some("2")).await;
-    assert!(
-        line.contains(r#"scheduler="multi-thread""#) && line.contains("worker_threads=2"),
-        "{line}"
-    );
-    let r = client()
-        .get(format!("http://{proxy}/contracts"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    child.kill().await.unwrap();
-
     let all = format!(
         "0-{}",
         std::thread::available_parallelism().unwrap().get() - 1
     );
-    let (line, _, mut child) = demo_runtime(&all, Some("1")).await;
-    assert!(line.contains(r#"scheduler="current-thread""#), "{line}");
-    child.kill().await.unwrap();
+    let cases = [
+        // One CPU in the affinity mask (as a cgroup limit below two cores gives): current-thread.
+        ("0", None, r#"scheduler="current-thread" worker_threads=1"#),
+        // TOKIO_WORKER_THREADS beats the CPU count, both ways.
+        (
+            "0",
+            Some("2"),
+            r#"scheduler="multi-thread" worker_threads=2"#,
+        ),
+        (
+            all.as_str(),
+            Some("1"),
+            r#"scheduler="current-thread" worker_threads=1"#,
+        ),
+    ];
+    for (cpus, workers, expected) in cases {
+        let (line, proxy, mut child) = demo_runtime(cpus, workers).await;
+        assert!(
+            line.contains(expected),
+            "taskset -c {cpus}, TOKIO_WORKER_THREADS {workers:?}: {line}"
+        );
+        let r = client()
+            .get(format!("http://{proxy}/contracts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "taskset -c {cpus}, {workers:?}");
+        child.kill().await.unwrap();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
