@@ -4,10 +4,11 @@
 #   docker run --rm aleph-proxy:0.1.0 --help
 #
 # Two stages: a Debian Rust image compiles the release binary, and the runtime
-# image is distroless "cc" (glibc and libgcc, no shell, no package manager), so
-# the image is little more than the binary. TLS is rustls with the webpki roots
-# compiled in: reaching api.satellogic.com needs no CA bundle from the image.
-# (Behind a TLS-inspecting proxy, mount its CA and set `upstream_ca_file`.)
+# image is distroless "cc" (glibc and the C runtime, no shell, no package
+# manager), so the image is little more than the binary. TLS is rustls with the
+# webpki roots compiled in: reaching api.satellogic.com needs no CA bundle from
+# the image. (Behind a TLS-inspecting proxy, mount its CA and set
+# `upstream_ca_file`.)
 #
 # The binary is the glibc build that BENCHMARKS.md measures. A fully static musl
 # build runs on distroless "static" instead (a smaller base image without glibc,
@@ -88,10 +89,11 @@ RUN cargo build --release --locked --target "${RUST_TARGET}" \
  && /out/aleph-proxy --help > /dev/null
 
 # ---------------------------------------------------------------------------
-# distroless/cc:nonroot holds glibc, libgcc, /etc/passwd with user "nonroot"
-# (65532), a CA bundle and tzdata, nothing else (distroless/static, for the
-# musl build, the same without the libraries). The CA bundle is what the
-# native-roots lookup adds to the trust store.
+# distroless/cc:nonroot holds glibc and the C/C++ runtime libraries, /etc/passwd
+# with user "nonroot" (65532), a CA bundle and tzdata; no shell, no package
+# manager (distroless/static, for the musl build, the same without the
+# libraries). The CA bundle is what the native-roots lookup adds to the trust
+# store.
 FROM ${RUNTIME_IMAGE}
 
 ARG RUNTIME_IMAGE

@@ -232,8 +232,8 @@ for kind, path in targets:
         )
 
 # --- the binary's shared libraries vs the runtime image ------------------------
-# The image ships the glibc build on distroless/cc, which has glibc and libgcc and nothing
-# else. The Dockerfile refuses a binary that needs any other library; the same list (read
+# The image ships the glibc build on distroless/cc (glibc and the C/C++ runtime libraries).
+# The Dockerfile refuses a binary that needs more than glibc and libgcc; the same list (read
 # from the Dockerfile) is checked here against the build CI just made, so a new dependency
 # that links a system library fails here, not only in an image build.
 allowed = re.search(r'case "\$lib" in \\\n\s*([\w.|*+-]+)\)', dockerfile)
