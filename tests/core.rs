@@ -278,12 +278,22 @@ async fn readiness_follows_the_token() {
     assert_eq!(r.status(), 200);
 }
 
+/// `aleph-proxy --config FILE run` with `toml` as the file, and no client id from the
+/// environment: what start-up says and how it exits.
+fn run_config(toml: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml).unwrap();
+    std::process::Command::new(support::binary())
+        .args(["--config", path.to_str().unwrap(), "run"])
+        .env_remove("ALEPH_PROXY_AUTH__CLIENT_ID")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn bad_config_lists_every_problem_exits_non_zero_and_hides_secrets() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let out = run_config(
         r#"
         listen = "not-an-address"
         upstream = "ftp://x"
@@ -296,13 +306,7 @@ fn bad_config_lists_every_problem_exits_non_zero_and_hides_secrets() {
         [tcp]
         client_congestion_control = "re no"
         "#,
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::binary())
-        .args(["--config", path.to_str().unwrap(), "run"])
-        .env_remove("ALEPH_PROXY_AUTH__CLIENT_ID")
-        .output()
-        .unwrap();
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -321,10 +325,7 @@ fn bad_config_lists_every_problem_exits_non_zero_and_hides_secrets() {
 
 #[test]
 fn a_congestion_control_the_kernel_lacks_stops_start_up_and_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
+    let out = run_config(
         r#"
         listen = "127.0.0.1:0"
         [admin]
@@ -338,12 +339,7 @@ fn a_congestion_control_the_kernel_lacks_stops_start_up_and_is_named() {
         [tcp]
         client_congestion_control = "nosuchalgo"
         "#,
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::binary())
-        .args(["--config", path.to_str().unwrap(), "run"])
-        .output()
-        .unwrap();
+    );
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
