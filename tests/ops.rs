@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -64,18 +64,24 @@ async fn output(mut c: Command) -> Out {
     }
 }
 
-/// A loopback port nobody listens on right now (bound, then released for the binary to take).
+/// A loopback port nobody listens on right now (bound, then released for the binary to take),
+/// and never one this test binary handed out before: the OS may give a released port again at
+/// once, and `free_addr(), free_addr()` as proxy and admin address would then be one port (a
+/// config error, exit 2).
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        if GIVEN.lock().unwrap().insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
-/// Two distinct free ports (proxy, admin): both held until both are picked, so the OS cannot hand
-/// out the same one twice.
+/// Two distinct free ports (proxy, admin).
 fn free_pair() -> (SocketAddr, SocketAddr) {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap(), b.local_addr().unwrap())
+    (free_addr(), free_addr())
 }
 
 /// The mock's endpoints and credentials as TOML, ports as given, fast token retries; `extra` is
@@ -1092,29 +1098,34 @@ async fn demo_runtime(cpus: &str, workers: Option<&str>) -> (String, String, Chi
         c.env("TOKIO_WORKER_THREADS", n);
     }
     let mut child = c.spawn().expect("taskset (util-linux) runs the binary");
-    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-    let runtime = loop {
-        let line = tokio::time::timeout(WAIT, err.next_line())
-            .await
-            .expect("the start-up lines")
-            .unwrap()
-            .expect("stderr open");
-        if line.contains("async runtime") {
-            break line;
-        }
-    };
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = loop {
-        let line = tokio::time::timeout(WAIT, out.next_line())
-            .await
-            .expect("demo prints its addresses")
-            .unwrap()
-            .expect("stdout open");
-        if let Some(rest) = line.split("the proxy on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let runtime = first_line(child.stderr.take().unwrap(), |l| {
+        l.contains("async runtime").then(|| l.to_string())
+    })
+    .await;
+    let proxy = first_line(child.stdout.take().unwrap(), |l| {
+        let rest = l.split("the proxy on http://").nth(1)?;
+        rest.split_whitespace().next().map(str::to_string)
+    })
+    .await;
     (runtime, proxy, child)
+}
+
+/// The first line of `from` that `pick` takes something from (within WAIT).
+async fn first_line<T>(
+    from: impl tokio::io::AsyncRead + Unpin,
+    mut pick: impl FnMut(&str) -> Option<T>,
+) -> T {
+    let mut lines = BufReader::new(from).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the line within the wait")
+            .unwrap()
+            .expect("the stream still open");
+        if let Some(found) = pick(&line) {
+            return found;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
