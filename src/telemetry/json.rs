@@ -194,7 +194,7 @@ impl Visit for Fields<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::{Arc, Mutex};
 
     use serde_json::Value;
@@ -203,7 +203,7 @@ mod tests {
     use super::*;
 
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -223,7 +223,7 @@ mod tests {
     }
 
     /// Events of every kind of field, in and out of spans.
-    fn emit() {
+    pub(crate) fn emit() {
         tracing::info!("outside any span");
         let request = tracing::info_span!("request", request_id = "rid-1");
         let _in = request.enter();

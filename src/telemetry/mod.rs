@@ -16,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 mod json;
+mod text;
 
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init_logging(format: LogFormat) {
@@ -25,7 +26,11 @@ pub fn init_logging(format: LogFormat) {
         .with_writer(Stderr)
         .with_timer(Timestamp);
     let _ = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(false)
+            .fmt_fields(text::TextFields)
+            .event_format(text::TextLines)
+            .try_init(),
         LogFormat::Json => builder
             .fmt_fields(json::JsonSpanFields)
             .event_format(json::JsonLines)
