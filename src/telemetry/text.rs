@@ -167,6 +167,15 @@ impl Visit for Fields<'_, '_> {
         }
     }
 
+    fn record_f64(&mut self, field: &Field, v: f64) {
+        if self.name(field) {
+            self.result = match thousandths(v) {
+                Some(m) => write_thousandths(self.w, m),
+                None => write!(self.w, "{v:?}"),
+            };
+        }
+    }
+
     fn record_bool(&mut self, field: &Field, v: bool) {
         if self.name(field) {
             self.result = self.w.write_str(if v { "true" } else { "false" });
@@ -194,6 +203,36 @@ impl Visit for Fields<'_, '_> {
             self.result = write!(self.w, "{v:?}");
         }
     }
+}
+
+/// `v` as a whole number of thousandths (the access log's `latency_ms`: whole microseconds),
+/// when it is one and `{:?}` writes it in decimal notation. Below 10^9 a double is exact to far
+/// better than half a thousandth, so the decimal with at most three places that rounds to `v` is
+/// the shortest that does, which is what `{:?}` writes.
+fn thousandths(v: f64) -> Option<u64> {
+    if !(v.is_sign_positive() && v < 1e9) {
+        return None;
+    }
+    let m = (v * 1000.0).round();
+    (m / 1000.0 == v).then_some(m as u64)
+}
+
+/// `{:?}` of `m / 1000.0` for `m` from [`thousandths`]: `0.545`, `12.3`, `7.0`.
+fn write_thousandths(w: &mut Writer<'_>, m: u64) -> fmt::Result {
+    let mut digits = itoa::Buffer::new();
+    w.write_str(digits.format(m / 1000))?;
+    w.write_char('.')?;
+    let frac = m % 1000;
+    if frac == 0 {
+        return w.write_char('0');
+    }
+    let three = [
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    let len = 3 - three.iter().rev().take_while(|&&d| d == b'0').count();
+    w.write_str(std::str::from_utf8(&three[..len]).map_err(|_| fmt::Error)?)
 }
 
 /// `{:?}` of a string: quoted, with the escapes of `str::escape_debug`.
@@ -326,6 +365,46 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn thousandths_are_written_as_debug_writes_them() {
+        let check = |v: f64| {
+            let mut ours = String::new();
+            match thousandths(v) {
+                Some(m) => write_thousandths(&mut Writer::new(&mut ours), m).unwrap(),
+                None => return false,
+            }
+            assert_eq!(ours, format!("{v:?}"), "{v}");
+            true
+        };
+        // Every latency up to 100 s, then samples up to the limit.
+        for us in (0..2_000_000u64).chain((2_000_000..100_000_000).step_by(9_973)) {
+            assert!(check(us as f64 / 1000.0), "{us}");
+        }
+        let mut rng = rand::rng();
+        for _ in 0..200_000 {
+            let us: u64 = rand::Rng::random_range(&mut rng, 0..1_000_000_000_000);
+            assert!(check(us as f64 / 1000.0), "{us}");
+            // Anything else is left to `{:?}` or written the same.
+            check(f64::from_bits(rand::Rng::random(&mut rng)));
+            check(rand::Rng::random_range(&mut rng, 0.0..1e10));
+        }
+        for v in [
+            -0.0,
+            -1.0,
+            1e-7,
+            0.0001,
+            0.0005,
+            1e9,
+            1e16,
+            f64::NAN,
+            f64::INFINITY,
+            0.1 + 0.2,
+        ] {
+            check(v);
+        }
+        assert!(!check(-0.0) && !check(0.1 + 0.2) && check(0.0) && check(7.0));
     }
 
     /// A line without its timestamp (the 27 characters of `2026-11-26T12:00:00.123456Z`).
