@@ -14,6 +14,12 @@
 //! injection: escape, bell, backspace, form feed, delete and the C1 controls are written as
 //! escapes, not as themselves. Fields of records bridged from the `log` crate (`log.file`,
 //! `log.line`, ...) are left out, as there.
+//!
+//! One deliberate difference: `%` and `?` values get the message's escaping too, where
+//! tracing-subscriber writes them as they are. The access line's `path` is the client's, and a
+//! request path may hold any UTF-8 (the `http` crate accepts it), the C1 controls included:
+//! `GET /%C2%9B...` arrives percent-encoded and harmless, but `GET /\xC2\x9B...` sent raw would
+//! otherwise reach an operator's terminal as a control sequence.
 
 use std::fmt::{self, Write};
 
@@ -200,7 +206,7 @@ impl Visit for Fields<'_, '_> {
                 self.message(format_args!("{v:?}"));
             }
         } else if self.name(field) {
-            self.result = write!(self.w, "{v:?}");
+            self.result = write!(Sanitized(&mut *self.w), "{v:?}");
         }
     }
 }
@@ -405,6 +411,33 @@ mod tests {
             check(v);
         }
         assert!(!check(-0.0) && !check(0.1 + 0.2) && check(0.0) && check(7.0));
+    }
+
+    #[test]
+    fn field_values_cannot_carry_terminal_escapes() {
+        let out = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .fmt_fields(TextFields)
+            .event_format(TextLines)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            let path = "/a\u{9b}31m\x1b[0m\x07\u{85}b";
+            tracing::info!(path = %path, debug = ?path, s = path, "request");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.ends_with(
+                "request path=/a\\u{9b}31m\\x1b[0m\\x07\\u{85}b \
+                 debug=\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\" \
+                 s=\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\"\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains(['\u{9b}', '\x1b', '\x07', '\u{85}']),
+            "{text}"
+        );
     }
 
     /// A line without its timestamp (the 27 characters of `2026-11-26T12:00:00.123456Z`).
