@@ -1247,15 +1247,20 @@ async fn bad_header_bytes_get_400_and_reach_no_upstream() {
     assert_eq!(r.status(), 200);
 }
 
-/// A client cannot drive the terminal of whoever reads the text log: ASCII control bytes in the
+/// A client cannot drive the terminal of whoever reads the log: ASCII control bytes in the
 /// request target get a 400, and the C1 controls a UTF-8 path may carry (forwarded as they came)
-/// appear escaped in the access line.
+/// appear escaped in the access line, in text and in JSON.
 #[tokio::test]
-async fn request_paths_reach_the_text_log_without_terminal_controls() {
+async fn request_paths_reach_the_log_without_terminal_controls() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        r#"
+    let path = "/tasking/\u{9b}2J\u{85}x";
+    for (format, logged) in [
+        ("text", "path=/tasking/\\u{9b}2J\\u{85}x "),
+        ("json", "\"path\":\"/tasking/\\u009b2J\\u0085x\""),
+    ] {
+        let toml = format!(
+            r#"
 listen = "127.0.0.1:0"
 upstream = "{api}"
 [admin]
@@ -1266,42 +1271,46 @@ client_id = "{id}"
 client_secret = "{secret}"
 [contract]
 default = "contract-123"
+[log]
+format = "{format}"
 "#,
-        api = mock.api_url,
-        id = MOCK_CLIENT_ID,
-        secret = MOCK_CLIENT_SECRET,
-    );
-    let env = minimal_env("info");
-    let mut proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
-    proxy.wait_for("proxy listening").await;
-    let addr = proxy.addr_of("proxy listening");
-    for target in ["/tasking/\x1b[2J", "/tasking/\x07", "/tasking/\x7f"] {
+            api = mock.api_url,
+            id = MOCK_CLIENT_ID,
+            secret = MOCK_CLIENT_SECRET,
+        );
+        let env = minimal_env("info");
+        let mut proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
+        proxy.wait_for("proxy listening").await;
+        let addr = proxy.addr_of("proxy listening");
+        for target in ["/tasking/\x1b[2J", "/tasking/\x07", "/tasking/\x7f"] {
+            let r = raw_exchange(
+                addr,
+                format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+            assert_one_response(&r, 400, &format!("{format}: {target:?}"));
+        }
         let r = raw_exchange(
             addr,
-            format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await;
-        assert_one_response(&r, 400, &format!("{target:?}"));
+        assert_eq!(statuses(&r).len(), 1, "{format}: {r}");
+        assert_eq!(
+            recorded_paths(&mock).last().map(String::as_str),
+            Some(path),
+            "{format}: forwarded as it came"
+        );
+        proxy.wait_for(logged).await;
+        let log = proxy.stop().await;
+        assert!(
+            !log.contains(['\x1b', '\x07', '\x7f', '\u{9b}', '\u{85}']),
+            "{format}: a raw control character in the log:\n{log}"
+        );
     }
-    let r = raw_exchange(
-        addr,
-        "GET /tasking/\u{9b}2J\u{85}x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-            .as_bytes(),
-    )
-    .await;
-    assert_eq!(statuses(&r).len(), 1, "{r}");
-    assert_eq!(
-        recorded_paths(&mock),
-        vec!["/tasking/\u{9b}2J\u{85}x".to_string()],
-        "forwarded as it came"
-    );
-    proxy.wait_for("path=/tasking/\\u{9b}2J\\u{85}x ").await;
-    let log = proxy.stop().await;
-    assert!(
-        !log.contains(['\x1b', '\x07', '\x7f', '\u{9b}', '\u{85}']),
-        "a raw control character in the log:\n{log}"
-    );
+    assert_eq!(mock.state.api_requests.load(Ordering::SeqCst), 2);
 }
 
 /// Request heads over `limits.max_request_header_bytes`, or with too many fields, get 431 (or a

@@ -10,6 +10,9 @@
 //! recorded again later is appended, not replaced (the last one is what JSON readers keep).
 //! Fields of records bridged from the `log` crate (`log.file`, `log.line`, ...) are left out:
 //! `target` and `level` already carry what matters of them.
+//!
+//! One difference: delete and the C1 controls in strings are written as `\u007f` to `\u009f`
+//! (tracing-subscriber, through serde_json, writes them as they are; see [`value`]).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -129,9 +132,35 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     }
 }
 
-/// Appends `v` as JSON (strings escaped, non-finite floats as `null`).
+/// Appends `v` as JSON (strings escaped, non-finite floats as `null`). Beyond what JSON
+/// requires, delete and the C1 controls are escaped too (`\u007f`, `\u009b`): the same string
+/// to a JSON reader, but no control sequence for a terminal that shows the raw line
+/// (`kubectl logs`); a request path may carry them.
 fn value(line: &mut Vec<u8>, v: impl Serialize) -> fmt::Result {
-    serde_json::to_writer(line, &v).map_err(|_| fmt::Error)
+    let start = line.len();
+    serde_json::to_writer(&mut *line, &v).map_err(|_| fmt::Error)?;
+    if line[start..].iter().any(|&b| b == 0x7f || b == 0xc2) {
+        escape_controls(line, start);
+    }
+    Ok(())
+}
+
+/// Rewrites DEL and the C1 controls (UTF-8 `C2 80` to `C2 9F`) from `start` on as `\u00XX`.
+/// serde_json writes both as they are, and inside its output they can only be string content.
+fn escape_controls(line: &mut Vec<u8>, start: usize) {
+    let tail = line.split_off(start);
+    let mut bytes = tail.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        let code = match b {
+            0x7f => Some(0x7f),
+            0xc2 => bytes.next_if(|c| (0x80..=0x9f).contains(c)),
+            _ => None,
+        };
+        match code {
+            Some(c) => line.extend_from_slice(format!("\\u{c:04x}").as_bytes()),
+            None => line.push(b),
+        }
+    }
 }
 
 /// Appends fields as `,"name":value` pairs.
@@ -339,6 +368,37 @@ pub(super) mod tests {
         assert_eq!(v["level"], "WARN", "{v}");
         assert_eq!(v["message"], "handshake done", "{v}");
         assert!(keys(&v).iter().all(|k| !k.starts_with("log.")), "{v}");
+    }
+
+    #[test]
+    fn no_terminal_control_reaches_a_line_raw() {
+        let out = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .fmt_fields(JsonSpanFields)
+            .event_format(JsonLines)
+            .finish();
+        let path = "/a\u{9b}31m\x1b[0m\x7f\u{85}\u{80}\u{9f}b \u{a0}\u{c2}é";
+        tracing::subscriber::with_default(sub, || {
+            tracing::info_span!("request", request_id = path).in_scope(|| {
+                tracing::info!(path = %path, debug = ?path, s = path, "{path}");
+            })
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            !text.contains(['\u{9b}', '\x1b', '\x7f', '\u{85}', '\u{80}', '\u{9f}']),
+            "{text}"
+        );
+        assert!(
+            text.contains("\\u009b31m\\u001b[0m\\u007f\\u0085\\u0080\\u009fb \u{a0}\u{c2}é"),
+            "{text}"
+        );
+        let v: Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["message"], path);
+        assert_eq!(v["path"], path);
+        assert_eq!(v["s"], path);
+        assert_eq!(v["span"]["request_id"], path);
+        assert_eq!(v["debug"], format!("{path:?}"));
     }
 
     #[test]
