@@ -1464,7 +1464,7 @@ async fn secret_files_are_trimmed_and_world_readable_ones_are_warned_about() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7 and 9. Fuzz targets and SECURITY.md stay true to the code.
+// 7. Fuzz targets; and SECURITY.md stays true to the code.
 // ---------------------------------------------------------------------------------------------
 
 /// Every file in fuzz/fuzz_targets is declared as a target, and the ones named in the brief exist.

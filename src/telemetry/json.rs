@@ -12,7 +12,7 @@
 //! `target` and `level` already carry what matters of them.
 //!
 //! One difference: delete and the C1 controls in strings are written as `\u007f` to `\u009f`
-//! (tracing-subscriber, through serde_json, writes them as they are; see [`value`]).
+//! (tracing-subscriber, through serde_json, writes them as they are; see [`escape_controls`]).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -109,6 +109,7 @@ impl JsonLines {
             line.push(b'}');
         }
         line.extend_from_slice(b"}\n");
+        escape_controls(line);
         Ok(())
     }
 }
@@ -119,6 +120,7 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
         let mut v = Fields::new(&mut pairs, true);
         fields.record(&mut v);
         v.result?;
+        escape_controls(&mut pairs);
         writer.write_str(std::str::from_utf8(&pairs).map_err(|_| fmt::Error)?)
     }
 
@@ -132,24 +134,22 @@ impl<'w> FormatFields<'w> for JsonSpanFields {
     }
 }
 
-/// Appends `v` as JSON (strings escaped, non-finite floats as `null`). Beyond what JSON
-/// requires, delete and the C1 controls are escaped too (`\u007f`, `\u009b`): the same string
-/// to a JSON reader, but no control sequence for a terminal that shows the raw line
-/// (`kubectl logs`); a request path may carry them.
+/// Appends `v` as JSON (strings escaped, non-finite floats as `null`).
 fn value(line: &mut Vec<u8>, v: impl Serialize) -> fmt::Result {
-    let start = line.len();
-    serde_json::to_writer(&mut *line, &v).map_err(|_| fmt::Error)?;
-    if line[start..].iter().any(|&b| b == 0x7f || b == 0xc2) {
-        escape_controls(line, start);
-    }
-    Ok(())
+    serde_json::to_writer(line, &v).map_err(|_| fmt::Error)
 }
 
-/// Rewrites DEL and the C1 controls (UTF-8 `C2 80` to `C2 9F`) from `start` on as `\u00XX`.
-/// serde_json writes both as they are, and inside its output they can only be string content.
-fn escape_controls(line: &mut Vec<u8>, start: usize) {
-    let tail = line.split_off(start);
-    let mut bytes = tail.iter().copied().peekable();
+/// Beyond what JSON requires, delete and the C1 controls are escaped too (`\u007f`, `\u009b`):
+/// the same string to a JSON reader, but no control sequence for a terminal that shows the raw
+/// line (`kubectl logs`); a request path may carry them. serde_json writes both as they are, and
+/// in its output they can only be string content, so a line (or a span's stored pairs) is
+/// rewritten as a whole in the rare case it holds one.
+fn escape_controls(line: &mut Vec<u8>) {
+    if memchr::memchr2(0x7f, 0xc2, line).is_none() {
+        return;
+    }
+    let raw = std::mem::take(line);
+    let mut bytes = raw.iter().copied().peekable();
     while let Some(b) = bytes.next() {
         let code = match b {
             0x7f => Some(0x7f),

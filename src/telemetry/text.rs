@@ -10,16 +10,16 @@
 //! it has fields, the event's fields separated by spaces, the message bare and the others as
 //! `name=value`. Values are written as tracing-subscriber writes them: strings quoted and
 //! escaped (`Debug`), `%` fields as their `Display`, numbers and booleans as they are, errors
-//! with their sources. The message keeps tracing-subscriber's defence against terminal
-//! injection: escape, bell, backspace, form feed, delete and the C1 controls are written as
-//! escapes, not as themselves. Fields of records bridged from the `log` crate (`log.file`,
-//! `log.line`, ...) are left out, as there.
+//! with their sources. Fields of records bridged from the `log` crate (`log.file`, `log.line`,
+//! ...) are left out, as there.
 //!
-//! One deliberate difference: `%` and `?` values get the message's escaping too, where
-//! tracing-subscriber writes them as they are. The access line's `path` is the client's, and a
-//! request path may hold any UTF-8 (the `http` crate accepts it), the C1 controls included:
-//! `GET /%C2%9B...` arrives percent-encoded and harmless, but `GET /\xC2\x9B...` sent raw would
-//! otherwise reach an operator's terminal as a control sequence.
+//! One deliberate difference: a line is one line and holds no control character. In messages,
+//! `%` and `?` values and errors, every C0 control (line breaks and tabs among them) and delete
+//! is written as `\x0a`, every C1 control as `\u{9b}`. tracing-subscriber escapes only escape,
+//! bell, backspace, form feed, delete and C1, and only in messages. The access line's `path` is
+//! the client's, and a request path may hold any UTF-8 (the `http` crate accepts it), the C1
+//! controls included: `GET /%C2%9B...` arrives percent-encoded and harmless, but `GET
+//! /\xC2\x9B...` sent raw would otherwise reach an operator's terminal as a control sequence.
 
 use std::fmt::{self, Write};
 
@@ -84,7 +84,8 @@ where
     }
 }
 
-/// The level as `{:>5} ` writes it, with the space after the timestamp in front.
+/// The level as tracing-subscriber writes it (five characters, right-aligned), with the space
+/// after the timestamp in front.
 fn level(l: &Level) -> &'static str {
     match *l {
         Level::TRACE => " TRACE ",
@@ -162,19 +163,25 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, v: u64) {
-        if self.name(field) {
+        if field.name() == "message" {
+            self.record_debug(field, &v);
+        } else if self.name(field) {
             self.result = self.w.write_str(itoa::Buffer::new().format(v));
         }
     }
 
     fn record_i64(&mut self, field: &Field, v: i64) {
-        if self.name(field) {
+        if field.name() == "message" {
+            self.record_debug(field, &v);
+        } else if self.name(field) {
             self.result = self.w.write_str(itoa::Buffer::new().format(v));
         }
     }
 
     fn record_f64(&mut self, field: &Field, v: f64) {
-        if self.name(field) {
+        if field.name() == "message" {
+            self.record_debug(field, &v);
+        } else if self.name(field) {
             self.result = match thousandths(v) {
                 Some(m) => write_thousandths(self.w, m),
                 None => write!(self.w, "{v:?}"),
@@ -183,7 +190,9 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_bool(&mut self, field: &Field, v: bool) {
-        if self.name(field) {
+        if field.name() == "message" {
+            self.record_debug(field, &v);
+        } else if self.name(field) {
             self.result = self.w.write_str(if v { "true" } else { "false" });
         }
     }
@@ -196,7 +205,9 @@ impl Visit for Fields<'_, '_> {
         let mut own = String::new();
         let mut visitor = DefaultVisitor::new(Writer::new(&mut own), self.empty);
         visitor.record_error(field, v);
-        self.result = visitor.finish().and_then(|()| self.w.write_str(&own));
+        self.result = visitor
+            .finish()
+            .and_then(|()| Sanitized(&mut *self.w).write_str(&own));
         self.empty = false;
     }
 
@@ -254,26 +265,21 @@ fn quoted(w: &mut Writer<'_>, v: &str) -> fmt::Result {
     }
 }
 
-/// tracing-subscriber's message sanitising: escape, bell, backspace, form feed, delete and the
-/// C1 controls (U+0080 to U+009F, which UTF-8 writes as 0xC2 0x80 to 0xC2 0x9F) as escapes.
+/// Every control character as an escape: the C0 controls (line breaks and tabs among them) and
+/// delete as `\x1b`, the C1 controls (U+0080 to U+009F, which UTF-8 writes as 0xC2 0x80 to
+/// 0xC2 0x9F) as `\u{9b}`. For escape, bell, backspace, form feed, delete and C1 that is
+/// tracing-subscriber's own message sanitising; the other C0 controls it writes as they are.
 struct Sanitized<'a, 'w>(&'a mut Writer<'w>);
 
 impl Write for Sanitized<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if !s
-            .bytes()
-            .any(|b| matches!(b, 0x07 | 0x08 | 0x0c | 0x1b | 0x7f | 0xc2))
-        {
+        if !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
             return self.0.write_str(s);
         }
         for ch in s.chars() {
             match ch {
-                '\x1b' => self.0.write_str("\\x1b")?,
-                '\x07' => self.0.write_str("\\x07")?,
-                '\x08' => self.0.write_str("\\x08")?,
-                '\x0c' => self.0.write_str("\\x0c")?,
-                '\x7f' => self.0.write_str("\\x7f")?,
-                c if ('\u{80}'..='\u{9f}').contains(&c) => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                '\0'..='\x1f' | '\x7f' => write!(self.0, "\\x{:02x}", ch as u32)?,
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
                 c => self.0.write_char(c)?,
             }
         }
@@ -315,6 +321,10 @@ mod tests {
     /// messages and fields, raw identifiers, errors with sources, `log` records, explicit
     /// parents, nested spans.
     fn more() {
+        tracing::trace!(message = 5u64, ok = true);
+        tracing::info!(message = 1.0f64);
+        tracing::info!(message = true);
+        tracing::info!(message = -3i64, "and a format {}", 1);
         tracing::info!("only an escape: \x1b[1m");
         tracing::info!("only a C1 control: \u{9b}31m");
         tracing::info!("esc \x1b[31m red \x07\x08\x0c\x7f c1 \u{85}\u{9f} ok \u{a0}é");
@@ -384,7 +394,7 @@ mod tests {
             assert_eq!(ours, format!("{v:?}"), "{v}");
             true
         };
-        // Every latency up to 100 s, then samples up to the limit.
+        // Every latency up to 2 s, every 9,973 µs up to 100 s, then random samples to 10^9 ms.
         for us in (0..2_000_000u64).chain((2_000_000..100_000_000).step_by(9_973)) {
             assert!(check(us as f64 / 1000.0), "{us}");
         }
@@ -414,28 +424,40 @@ mod tests {
     }
 
     #[test]
-    fn field_values_cannot_carry_terminal_escapes() {
+    fn a_line_is_one_line_without_control_characters() {
         let out = Captured::default();
         let sub = tracing_subscriber::fmt()
             .with_writer(out.clone())
             .fmt_fields(TextFields)
             .event_format(TextLines)
             .finish();
+        let v = "/a\u{9b}31m\x1b[0m\x07\u{85}b\n\t\r\0x";
         tracing::subscriber::with_default(sub, || {
-            let path = "/a\u{9b}31m\x1b[0m\x07\u{85}b";
-            tracing::info!(path = %path, debug = ?path, s = path, "request");
+            tracing::info_span!("request", id = %v).in_scope(|| {
+                tracing::info!(path = %v, debug = ?v, s = v, "request {v}");
+            });
+            let err = std::io::Error::other(format!("line one\nline two {v}"));
+            tracing::warn!(error = &err as &(dyn std::error::Error + 'static), "failed");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        assert!(
-            text.ends_with(
-                "request path=/a\\u{9b}31m\\x1b[0m\\x07\\u{85}b \
-                 debug=\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\" \
-                 s=\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\"\n"
-            ),
-            "{text}"
+        let escaped = "/a\\u{9b}31m\\x1b[0m\\x07\\u{85}b\\x0a\\x09\\x0d\\x00x";
+        let quoted = "\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\\n\\t\\r\\0x\"";
+        let lines: Vec<&str> = text.lines().map(untimed).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(
+            lines[0],
+            format!(
+                "  INFO request{{id={escaped}}}: aleph_proxy::telemetry::text::tests: \
+                 request {escaped} path={escaped} debug={quoted} s={quoted}"
+            )
         );
         assert!(
-            !text.contains(['\u{9b}', '\x1b', '\x07', '\u{85}']),
+            lines[1].ends_with(&format!("failed error=line one\\x0aline two {escaped}")),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            text.lines().all(|l| !l.contains(char::is_control)),
             "{text}"
         );
     }
@@ -453,7 +475,7 @@ mod tests {
         assert!(ours.ends_with('\n'), "{ours}");
         let (ours, theirs): (Vec<&str>, Vec<&str>) =
             (ours.lines().collect(), theirs.lines().collect());
-        assert_eq!(ours.len(), 17, "{ours:#?}");
+        assert_eq!(ours.len(), 21, "{ours:#?}");
         assert_eq!(ours.len(), theirs.len(), "{ours:#?}\n{theirs:#?}");
         for (a, b) in ours.iter().zip(&theirs) {
             assert_eq!(untimed(a), untimed(b));
@@ -473,15 +495,15 @@ mod tests {
         );
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
         assert!(
-            lines[8]
+            lines[12]
                 .contains("esc \\x1b[31m red \\x07\\x08\\x0c\\x7f c1 \\u{85}\\u{9f} ok \u{a0}é"),
             "{}",
-            lines[8]
+            lines[12]
         );
         assert!(
-            lines[16].starts_with("  WARN rustls::client: handshake done"),
+            lines[20].starts_with("  WARN rustls::client: handshake done"),
             "{}",
-            lines[16]
+            lines[20]
         );
     }
 }
