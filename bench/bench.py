@@ -589,7 +589,7 @@ def quantiles(xs):
 
 
 def report_paired(args, names, slices):
-    ours = [n for n in names if not is_peer(n)]
+    ours = [n for n in names if n.startswith(("aleph-", "alt-"))]
     peers = [n for n in names if is_peer(n)]
     lines = [
         f"Paired slices: {len(slices)} slices of `wrk -t1 -c{args.conns} -d{args.paired_seconds}s` "
@@ -603,7 +603,10 @@ def report_paired(args, names, slices):
     for a in ours:
         # An --alt-bin build is also compared with the same variant of --bin (the A/B row).
         twin = "aleph-" + a[len("alt-"):] if a.startswith("alt-") else None
-        for b in peers + ([twin] if twin in names else []):
+        # With an access log on (+info, +json), also against nginx with its access log.
+        workers = a.split("-", 1)[1].split("+")[0]
+        logged = f"nginx-{workers}+log" if "+info" in a or "+json" in a else None
+        for b in peers + [x for x in (twin, logged) if x in names]:
             rps = [sl[a]["rps"] / sl[b]["rps"] for sl in slices]
             p99 = [sl[a]["p99"] / sl[b]["p99"] for sl in slices]
             cpu = [

@@ -763,13 +763,10 @@ response_headers = "1s"
     assert_free_of(&seen, &secrets, "a response");
 }
 
-/// Legacy mode (`authorizationToken: Key,Secret <id>,<secret>`) with JSON logs at trace level:
-/// the secret and the `Key,Secret` value appear nowhere.
-#[tokio::test]
-async fn trace_logs_and_responses_hold_no_secret_legacy() {
-    let mock = Mock::start(MockOptions::default()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
+/// A config for the binary in legacy mode in front of `mock`, both listeners on ephemeral
+/// ports, the default contract `contract-123`, then `extra`.
+fn legacy_config(mock: &Mock, extra: &str) -> String {
+    format!(
         r#"
 listen = "127.0.0.1:0"
 upstream = "{api}"
@@ -781,6 +778,22 @@ client_id = "{id}"
 client_secret = "{secret}"
 [contract]
 default = "contract-123"
+{extra}"#,
+        api = mock.api_url,
+        id = MOCK_CLIENT_ID,
+        secret = MOCK_CLIENT_SECRET,
+    )
+}
+
+/// Legacy mode (`authorizationToken: Key,Secret <id>,<secret>`) with JSON logs at trace level:
+/// the secret and the `Key,Secret` value appear nowhere.
+#[tokio::test]
+async fn trace_logs_and_responses_hold_no_secret_legacy() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = legacy_config(
+        &mock,
+        r#"
 [[contract.routes]]
 prefix = "/wrong-contract"
 id = "no-such-contract"
@@ -789,9 +802,6 @@ response_headers = "1s"
 [log]
 format = "json"
 "#,
-        api = mock.api_url,
-        id = MOCK_CLIENT_ID,
-        secret = MOCK_CLIENT_SECRET,
     );
     let env = minimal_env("trace");
     let mut proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
@@ -1259,25 +1269,7 @@ async fn request_paths_reach_the_log_without_terminal_controls() {
         ("text", "path=/tasking/\\u{9b}2J\\u{85}x "),
         ("json", "\"path\":\"/tasking/\\u009b2J\\u0085x\""),
     ] {
-        let toml = format!(
-            r#"
-listen = "127.0.0.1:0"
-upstream = "{api}"
-[admin]
-listen = "127.0.0.1:0"
-[auth]
-mode = "legacy"
-client_id = "{id}"
-client_secret = "{secret}"
-[contract]
-default = "contract-123"
-[log]
-format = "{format}"
-"#,
-            api = mock.api_url,
-            id = MOCK_CLIENT_ID,
-            secret = MOCK_CLIENT_SECRET,
-        );
+        let toml = legacy_config(&mock, &format!("[log]\nformat = \"{format}\"\n"));
         let env = minimal_env("info");
         let mut proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
         proxy.wait_for("proxy listening").await;

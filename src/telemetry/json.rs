@@ -340,15 +340,22 @@ pub(super) mod tests {
         }
     }
 
-    #[test]
-    fn records_of_the_log_crate_keep_their_target_and_drop_their_metadata_fields() {
+    /// What `f` logs, in our format.
+    fn logged(f: impl FnOnce()) -> String {
         let out = Captured::default();
         let sub = tracing_subscriber::fmt()
             .with_writer(out.clone())
             .fmt_fields(JsonSpanFields)
             .event_format(JsonLines)
             .finish();
-        tracing::subscriber::with_default(sub, || {
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn records_of_the_log_crate_keep_their_target_and_drop_their_metadata_fields() {
+        let text = logged(|| {
             let step = "handshake";
             tracing_log::format_trace(
                 &log::Record::builder()
@@ -362,7 +369,6 @@ pub(super) mod tests {
             )
             .unwrap();
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let v: Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(v["target"], "rustls::client", "{v}");
         assert_eq!(v["level"], "WARN", "{v}");
@@ -372,19 +378,12 @@ pub(super) mod tests {
 
     #[test]
     fn no_terminal_control_reaches_a_line_raw() {
-        let out = Captured::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(out.clone())
-            .fmt_fields(JsonSpanFields)
-            .event_format(JsonLines)
-            .finish();
         let path = "/a\u{9b}31m\x1b[0m\x7f\u{85}\u{80}\u{9f}b \u{a0}\u{c2}é";
-        tracing::subscriber::with_default(sub, || {
+        let text = logged(|| {
             tracing::info_span!("request", request_id = path).in_scope(|| {
                 tracing::info!(path = %path, debug = ?path, s = path, "{path}");
             })
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(
             !text.contains(['\u{9b}', '\x1b', '\x7f', '\u{85}', '\u{80}', '\u{9f}']),
             "{text}"
