@@ -1305,6 +1305,55 @@ async fn request_paths_reach_the_log_without_terminal_controls() {
     assert_eq!(mock.state.api_requests.load(Ordering::SeqCst), 2);
 }
 
+/// The proxy's warnings about a request carry the request's id, also under `RUST_LOG=warn`,
+/// where no access line is written (an upstream that refuses connections: retries, then 502).
+#[tokio::test]
+async fn warnings_of_a_request_carry_its_id_at_warn_level() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let toml = legacy_config(&mock, "[log]\nformat = \"json\"\n").replace(
+        &format!("upstream = \"{}\"", mock.api_url),
+        &format!("upstream = \"{refused}\""),
+    );
+    assert!(toml.contains(&refused), "{toml}");
+    // WARN for the request path (no access line, as under RUST_LOG=warn), INFO for the start-up
+    // line that names the port.
+    let env = minimal_env("warn,aleph_proxy=info,aleph_proxy::proxy=warn");
+    let mut proxy = Spawned::start(dir.path(), &toml, &env_refs(&env));
+    proxy.wait_for("proxy listening").await;
+    let addr = proxy.addr_of("proxy listening");
+    let r = raw_exchange(
+        addr,
+        b"GET /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\nx-request-id: warn-rid-1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_one_response(&r, 502, "refused upstream");
+    proxy.wait_for("upstream request failed").await;
+    let log = proxy.stop().await;
+    let warnings: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("upstream"))
+        })
+        .collect();
+    assert!(warnings.len() >= 2, "retries and the failure:\n{log}");
+    for w in &warnings {
+        assert_eq!(w["level"], "WARN", "{w}");
+        assert_eq!(w["span"]["request_id"], "warn-rid-1", "{w}");
+        assert_eq!(w["span"]["name"], "request", "{w}");
+    }
+    assert!(
+        !log.contains("\"message\":\"request\""),
+        "no access line at warn:\n{log}"
+    );
+}
+
 /// Request heads over `limits.max_request_header_bytes`, or with too many fields, get 431 (or a
 /// close); nothing reaches the upstream.
 #[tokio::test]

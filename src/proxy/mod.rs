@@ -22,7 +22,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument;
 
 use crate::body::{IdleTimeout, PassBody, ProxyBody, Streaming};
 use crate::config::{Config, RetryConfig, Timeouts};
@@ -209,13 +208,12 @@ pub async fn handle(
     // The latency is only logged: no clock reads for it when the access log is off.
     let started = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
     let rid = headers::request_id(req.headers());
-    // `request_id`, not `id`: JSON logs show it as span.request_id, which a log query can name.
-    let span = tracing::info_span!("request", request_id = rid.to_str().unwrap_or("-"));
     let method = req.method().clone();
     // Logged as the path only: query strings can carry signed parameters. (A Uri clone shares
     // its bytes: no copy for the log line, which RUST_LOG=warn skips anyway.)
     let uri = req.uri().clone();
-    let resp = async {
+    // Every line logged while the request is served shows its id (`span.request_id` in JSON).
+    let resp = crate::telemetry::InRequest::new(rid.clone(), async {
         let mut resp = match serve(&listener, remote, req, &rid).await {
             Ok(r) => r,
             Err(e) => {
@@ -250,8 +248,7 @@ pub async fn handle(
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
-    }
-    .instrument(span)
+    })
     .await;
     Ok(resp)
 }

@@ -107,6 +107,18 @@ impl JsonLines {
             line.extend_from_slice(b"\"name\":");
             value(line, span.metadata().name())?;
             line.push(b'}');
+        } else {
+            super::request::with_id(|id| match id {
+                Some(id) => {
+                    line.extend_from_slice(b",\"span\":{\"request_id\":");
+                    value(line, id)?;
+                    line.extend_from_slice(b",\"name\":");
+                    value(line, super::REQUEST_SPAN)?;
+                    line.push(b'}');
+                    Ok(())
+                }
+                None => Ok(()),
+            })?;
         }
         line.extend_from_slice(b"}\n");
         escape_controls(line);
@@ -398,6 +410,22 @@ pub(super) mod tests {
         assert_eq!(v["s"], path);
         assert_eq!(v["span"]["request_id"], path);
         assert_eq!(v["debug"], format!("{path:?}"));
+    }
+
+    #[test]
+    fn lines_in_a_request_read_as_in_a_request_span() {
+        let log = || tracing::info!(status = 200u16, "request");
+        let ours = logged(|| super::super::text::tests::in_request("rid-7", log));
+        let span = logged(|| tracing::info_span!("request", request_id = "rid-7").in_scope(log));
+        let (mut a, mut b): (Value, Value) = (
+            serde_json::from_str(ours.trim_end()).unwrap(),
+            serde_json::from_str(span.trim_end()).unwrap(),
+        );
+        a.as_object_mut().unwrap().remove("timestamp");
+        b.as_object_mut().unwrap().remove("timestamp");
+        assert_eq!(a, b);
+        assert_eq!(a["span"]["request_id"], "rid-7", "{a}");
+        assert_eq!(keys(&a), keys(&b));
     }
 
     #[test]

@@ -18,6 +18,10 @@ use crate::config::LogFormat;
 mod json;
 mod text;
 
+pub use request::{InRequest, REQUEST_SPAN};
+
+mod request;
+
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

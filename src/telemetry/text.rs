@@ -56,8 +56,16 @@ where
             writer.write_str("<unknown time>")?;
         }
         writer.write_str(level(meta.level()))?;
+        let mut seen = super::request::with_id(|id| match id {
+            Some(id) => {
+                writer.write_str(super::REQUEST_SPAN)?;
+                writer.write_str("{request_id=")?;
+                quoted(&mut writer, id)?;
+                writer.write_str("}:").map(|()| true)
+            }
+            None => Ok(false),
+        })?;
         if let Some(scope) = ctx.event_scope() {
-            let mut seen = false;
             for span in scope.from_root() {
                 seen = true;
                 writer.write_str(span.metadata().name())?;
@@ -71,9 +79,9 @@ where
                 }
                 writer.write_char(':')?;
             }
-            if seen {
-                writer.write_char(' ')?;
-            }
+        }
+        if seen {
+            writer.write_char(' ')?;
         }
         writer.write_str(meta.target())?;
         writer.write_str(": ")?;
@@ -288,7 +296,11 @@ impl Write for Sanitized<'_, '_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::future::Future;
+
+    use futures_util::FutureExt;
+
     use super::super::json::tests::{emit, Captured};
     use super::*;
 
@@ -460,6 +472,56 @@ mod tests {
             text.lines().all(|l| !l.contains(char::is_control)),
             "{text}"
         );
+    }
+
+    /// Polls `f` to completion inside [`InRequest`] with this id.
+    pub(crate) fn in_request(id: &'static str, f: impl FnOnce()) {
+        let fut = crate::telemetry::InRequest::new(
+            http::HeaderValue::from_static(id),
+            std::future::ready(()).map(|()| f()),
+        );
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn lines_in_a_request_read_as_in_a_request_span() {
+        let log = |f: &dyn Fn()| {
+            tracing::info!(method = %"GET", status = 200u16, latency_ms = 0.5, "request");
+            f();
+        };
+        let out = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .fmt_fields(TextFields)
+            .event_format(TextLines)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            in_request("rid-7", || {
+                log(&|| tracing::info_span!("inner", n = 1u64).in_scope(|| tracing::warn!("w")))
+            })
+        });
+        let ours = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let out = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info_span!("request", request_id = "rid-7").in_scope(|| {
+                log(&|| tracing::info_span!("inner", n = 1u64).in_scope(|| tracing::warn!("w")))
+            })
+        });
+        let theirs = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let (ours, theirs): (Vec<&str>, Vec<&str>) =
+            (ours.lines().collect(), theirs.lines().collect());
+        assert_eq!(ours.len(), 2, "{ours:#?}");
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(untimed(a), untimed(b));
+        }
+        assert!(untimed(ours[1]).starts_with("  WARN request{request_id=\"rid-7\"}:inner{n=1}: "));
     }
 
     /// A line without its timestamp (the 27 characters of `2026-11-26T12:00:00.123456Z`).
