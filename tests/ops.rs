@@ -1012,20 +1012,23 @@ async fn healthcheck_exit_codes_follow_a_running_instance() {
     p.kill().await;
 }
 
+/// `demo` with both listeners on ephemeral ports (the start-up lines name them).
+const DEMO_ON_FREE_PORTS: [&str; 5] = [
+    "demo",
+    "--listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_mock_on_the_ports_it_prints() {
     let mut c = aleph();
-    c.args([
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
-    // Variables meant for a real deployment do not reach the demo.
-    .env("ALEPH_PROXY_ACCESS__KEY", "a-key-the-demo-must-ignore")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    c.args(DEMO_ON_FREE_PORTS)
+        // Variables meant for a real deployment do not reach the demo.
+        .env("ALEPH_PROXY_ACCESS__KEY", "a-key-the-demo-must-ignore")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut child = c.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut proxy, mut admin) = (None, None);
@@ -1081,19 +1084,13 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
 async fn demo_runtime(cpus: &str, workers: Option<&str>) -> (String, String, Child) {
     let mut c = Command::new("taskset");
     c.args(["-c", cpus, support::binary()]);
-    c.args([
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
-    .env_remove("RUST_LOG")
-    .env_remove("TOKIO_WORKER_THREADS")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    c.args(DEMO_ON_FREE_PORTS)
+        .env_remove("RUST_LOG")
+        .env_remove("TOKIO_WORKER_THREADS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     if let Some(n) = workers {
         c.env("TOKIO_WORKER_THREADS", n);
     }

@@ -437,21 +437,14 @@ pub(super) mod tests {
 
     #[test]
     fn a_line_is_one_line_without_control_characters() {
-        let out = Captured::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(out.clone())
-            .fmt_fields(TextFields)
-            .event_format(TextLines)
-            .finish();
         let v = "/a\u{9b}31m\x1b[0m\x07\u{85}b\n\t\r\0x";
-        tracing::subscriber::with_default(sub, || {
+        let text = logged(|| {
             tracing::info_span!("request", id = %v).in_scope(|| {
                 tracing::info!(path = %v, debug = ?v, s = v, "request {v}");
             });
             let err = std::io::Error::other(format!("line one\nline two {v}"));
             tracing::warn!(error = &err as &(dyn std::error::Error + 'static), "failed");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let escaped = "/a\\u{9b}31m\\x1b[0m\\x07\\u{85}b\\x0a\\x09\\x0d\\x00x";
         let quoted = "\"/a\\u{9b}31m\\u{1b}[0m\\u{7}\\u{85}b\\n\\t\\r\\0x\"";
         let lines: Vec<&str> = text.lines().map(untimed).collect();
@@ -474,6 +467,19 @@ pub(super) mod tests {
         );
     }
 
+    /// What `f` logs, in our format.
+    fn logged(f: impl FnOnce()) -> String {
+        let out = Captured::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .fmt_fields(TextFields)
+            .event_format(TextLines)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
     /// Polls `f` to completion inside [`InRequest`] with this id.
     pub(crate) fn in_request(id: &'static str, f: impl FnOnce()) {
         let fut = crate::telemetry::InRequest::new(
@@ -491,18 +497,11 @@ pub(super) mod tests {
             tracing::info!(method = %"GET", status = 200u16, latency_ms = 0.5, "request");
             f();
         };
-        let out = Captured::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(out.clone())
-            .fmt_fields(TextFields)
-            .event_format(TextLines)
-            .finish();
-        tracing::subscriber::with_default(sub, || {
+        let ours = logged(|| {
             in_request("rid-7", || {
                 log(&|| tracing::info_span!("inner", n = 1u64).in_scope(|| tracing::warn!("w")))
             })
         });
-        let ours = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let out = Captured::default();
         let sub = tracing_subscriber::fmt()
             .with_writer(out.clone())
