@@ -275,6 +275,8 @@ impl Rewriter {
             copied: 0,
             count: 0,
             scratch: String::new(),
+            body_key: false,
+            untouched_below: None,
         };
         scan.document().ok()?;
         if scan.count == 0 {
@@ -464,6 +466,11 @@ struct Scan<'a> {
     count: usize,
     /// Reused buffer for unescaping candidate strings that contain escapes.
     scratch: String,
+    /// The key just read is `body`: the value that follows is not rewritten. A POST `next` link
+    /// carries the body the client must send back, and the API expects it as it issued it.
+    body_key: bool,
+    /// Inside a `body` value that is an object or array: the container depth where it started.
+    untouched_below: Option<usize>,
 }
 
 impl Scan<'_> {
@@ -497,7 +504,9 @@ impl Scan<'_> {
         if self.peek()? != b'"' {
             return Err(Invalid);
         }
+        let start = self.i + 1;
         self.string(false)?;
+        self.body_key = &self.b[start..self.i - 1] == b"body";
         self.expect(b':')
     }
 
@@ -507,6 +516,7 @@ impl Scan<'_> {
         loop {
             // A value starts here.
             self.skip_ws();
+            let untouched = std::mem::take(&mut self.body_key) || self.untouched_below.is_some();
             match self.peek()? {
                 b'{' | b'[' => {
                     let is_obj = self.b[self.i] == b'{';
@@ -514,12 +524,16 @@ impl Scan<'_> {
                     if stack.len() == MAX_DEPTH {
                         return Err(Invalid);
                     }
+                    if untouched && self.untouched_below.is_none() {
+                        self.untouched_below = Some(stack.len());
+                    }
                     stack.push(is_obj);
                     self.skip_ws();
                     let close = if is_obj { b'}' } else { b']' };
                     if self.peek()? == close {
                         self.i += 1;
                         stack.pop();
+                        self.left_container(stack.len());
                     } else {
                         if is_obj {
                             self.key()?;
@@ -527,7 +541,7 @@ impl Scan<'_> {
                         continue;
                     }
                 }
-                b'"' => self.string(true)?,
+                b'"' => self.string(!untouched)?,
                 b'-' | b'0'..=b'9' => self.number()?,
                 b't' => self.literal(b"true")?,
                 b'f' => self.literal(b"false")?,
@@ -554,10 +568,18 @@ impl Scan<'_> {
                     (b',', false) => break,
                     (b'}', true) | (b']', false) => {
                         stack.pop();
+                        self.left_container(stack.len());
                     }
                     _ => return Err(Invalid),
                 }
             }
+        }
+    }
+
+    /// A container closed, leaving `depth` open ones: the end of an untouched `body` value?
+    fn left_container(&mut self, depth: usize) {
+        if self.untouched_below == Some(depth) {
+            self.untouched_below = None;
         }
     }
 
@@ -1197,6 +1219,24 @@ mod tests {
         assert_eq!(
             out,
             r#"{"rel":"next","href":"http://127.0.0.1:8080/archive/stac/search","method":"POST","body":{"next":"abc","collections":["l1d"]}}"#
+        );
+    }
+
+    #[test]
+    fn values_under_a_body_key_go_back_as_the_api_issued_them() {
+        let r = aleph();
+        let up = "https://api.satellogic.com/archive/stac/collections/l1d/items/A";
+        let body = format!(
+            r#"{{"links":[{{"rel":"next","body":{{"filter":{{"args":["{up}",{{"x":["{up}"]}}]}},"e":{{}},"a":[]}},"href":"{up}"}},{{"body":"{up}","href":"{up}"}},{{"body":[],"href":"{up}"}}],"self":"{up}"}}"#
+        );
+        let (out, n) = json(&r, &body).unwrap();
+        let new = "http://127.0.0.1:8080/archive/stac/collections/l1d/items/A";
+        assert_eq!(n, 4, "{out}");
+        assert_eq!(
+            out,
+            format!(
+                r#"{{"links":[{{"rel":"next","body":{{"filter":{{"args":["{up}",{{"x":["{up}"]}}]}},"e":{{}},"a":[]}},"href":"{new}"}},{{"body":"{up}","href":"{new}"}},{{"body":[],"href":"{new}"}}],"self":"{new}"}}"#
+            )
         );
     }
 

@@ -286,11 +286,32 @@ async fn a_401_naming_the_contract_is_passed_through_without_a_new_token() {
     let h = Harness::start("[contract]\ndefault = \"contract-999\"").await;
     h.ready().await;
     let c = client();
-    for round in 1..=2 {
-        let r = get(&c, h.url(PRODUCTS)).await;
+    // Plain, then gzip-compressed as the gateway sends it to every client that asks (GDAL,
+    // pystac-client, browsers): the proxy reads the 401 through its coding.
+    for (round, gzip) in [(1, false), (2, false), (3, true), (4, true)] {
+        let mut req = c.get(h.url(PRODUCTS));
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        let r = req.send().await.unwrap();
         assert_eq!(r.status(), 401);
         assert!(r.headers().get("x-aleph-proxy-error").is_none());
-        let v: serde_json::Value = r.json().await.unwrap();
+        let coding = r.headers().get("content-encoding").cloned();
+        let body = r.bytes().await.unwrap();
+        let body = if gzip {
+            assert_eq!(
+                coding.unwrap(),
+                "gzip",
+                "passed through as the upstream sent it"
+            );
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+                .unwrap();
+            out
+        } else {
+            body.to_vec()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert!(
             v["message"].as_str().unwrap().contains("Contract-Id"),
             "{v}"

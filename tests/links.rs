@@ -50,8 +50,15 @@ async fn relative_links_and_presigned_urls_are_untouched() {
 #[tokio::test]
 async fn post_search_next_keeps_its_body_and_gets_the_proxy_href() {
     let h = Harness::start("").await;
+    // The body goes back to the API as it was issued, even where it holds an upstream URL.
+    let upstream_item = format!(
+        "{}/archive/stac/collections/l1d/items/{ITEM}",
+        h.mock.api_url
+    );
     let req = serde_json::json!({"collections": ["l1d"], "limit": 3, "filter-lang": "cql2-json",
-        "filter": {"op": "<", "args": [{"property": "eo:cloud_cover"}, 50]}});
+        "filter": {"op": "and", "args": [
+            {"op": "<", "args": [{"property": "eo:cloud_cover"}, 50]},
+            {"op": "<>", "args": [{"property": "self"}, upstream_item]}]}});
     let page: serde_json::Value = client()
         .post(h.url("/archive/stac/search"))
         .json(&req)
@@ -99,6 +106,30 @@ async fn gzip_bodies_are_decoded_rewritten_and_sent_with_a_correct_length() {
 }
 
 #[tokio::test]
+async fn codings_the_proxy_cannot_read_are_not_asked_of_the_upstream() {
+    // curl --compressed and current browsers offer zstd; an upstream answering in it would send
+    // links the proxy cannot rewrite.
+    let h = Harness::start("").await;
+    for (sent, forwarded) in [
+        ("deflate, gzip, br, zstd", "deflate, gzip, br"),
+        ("zstd", "identity"),
+        ("gzip;q=0.5, br", "gzip;q=0.5, br"),
+    ] {
+        let r = client()
+            .get(h.url("/tasking/tasks/?limit=5"))
+            .header("accept-encoding", sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v["next"], h.url("/tasking/tasks/?limit=5&offset=5"));
+        let rec = h.mock.state.last_request().unwrap();
+        assert_eq!(rec.headers["accept-encoding"], forwarded, "{sent}");
+    }
+}
+
+#[tokio::test]
 async fn location_and_link_headers_are_rewritten() {
     let h = Harness::start("").await;
     let r = client()
@@ -134,18 +165,48 @@ async fn public_url_and_the_off_switch() {
     );
 }
 
+/// The proxy's `aleph_proxy_links_not_rewritten_total{reason="too_large"}` (0 before the first).
+async fn too_large(h: &Harness) -> u64 {
+    h.metrics()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("aleph_proxy_links_not_rewritten_total{reason=\"too_large\"} ")
+        })
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 #[tokio::test]
 async fn bodies_over_the_cap_stream_through_unchanged() {
-    let h = Harness::start("[rewrite]\nmax_body_bytes = 1000").await;
+    // Every test of this binary shares one metrics registry, and only this one passes the cap.
+    let h = Harness::start("[rewrite]\nmax_body_bytes = 4000").await;
+    let before = too_large(&h).await;
     let r = client()
         .get(h.url("/archive/stac/search?limit=5"))
         .send()
         .await
         .unwrap();
     let body = r.text().await.unwrap();
-    assert!(body.len() > 1000);
+    assert!(body.len() > 4000);
     assert!(body.contains(&format!("{}/archive/stac/", h.mock.api_url)));
     serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    assert_eq!(too_large(&h).await, before + 1);
+
+    // Compressed under the cap, past it once decoded: passed through as sent, and counted.
+    let r = client()
+        .get(h.url("/archive/stac/search?limit=20"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let gz = r.bytes().await.unwrap();
+    assert!(gz.len() < 4000, "{} bytes compressed", gz.len());
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut body).unwrap();
+    assert!(body.len() > 4000);
+    assert!(body.contains(&format!("{}/archive/stac/", h.mock.api_url)));
+    assert_eq!(too_large(&h).await, before + 2);
 }
 
 #[tokio::test]

@@ -442,8 +442,9 @@ async fn api_handler(
     } else {
         false
     };
+    // API gateways compress their 401s like any JSON answer.
     if !authed {
-        return unauthorized("Unauthorized");
+        return compress_json(unauthorized("Unauthorized"), &headers).await;
     }
     let path = uri.path().to_string();
     let contracts = s.opts.lock().unwrap().contracts.clone();
@@ -458,9 +459,10 @@ async fn api_handler(
         .get("x-satellogic-contract-id")
         .and_then(|v| v.to_str().ok());
     if !contract.is_some_and(|c| contracts.iter().any(|(id, _)| id == c)) {
-        return unauthorized(
+        let r = unauthorized(
             "Missing or invalid X-Satellogic-Contract-Id: the contract is not associated with this credential",
         );
+        return compress_json(r, &headers).await;
     }
     let base = s.api_url.lock().unwrap().clone();
     let query = parse_query(uri.query());

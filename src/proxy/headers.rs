@@ -100,10 +100,14 @@ pub fn prepare_request(
     // The client credentials to strip are found in one pass over the names (usually there are
     // none): a `remove` hashes its name even when it is absent.
     let key_len = access_key_header.as_str().len();
-    let (mut authorization, mut key) = (false, false);
+    let (mut authorization, mut key, mut accept_encoding) = (false, false, false);
     for name in headers.keys() {
         authorization |= *name == header::AUTHORIZATION;
+        accept_encoding |= *name == header::ACCEPT_ENCODING;
         key |= name.as_str().len() == key_len && name == access_key_header;
+    }
+    if accept_encoding {
+        narrow_accept_encoding(headers);
     }
     if authorization {
         headers.remove(header::AUTHORIZATION);
@@ -122,6 +126,79 @@ pub fn prepare_request(
         }
     }
     headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// The content codings the proxy can read (link rewriting, the contract check of a 401): gzip,
+/// deflate and br. `identity` is always acceptable.
+const READABLE_CODINGS: [&str; 4] = ["gzip", "x-gzip", "deflate", "br"];
+
+/// Keeps only the codings the proxy can read in the client's `Accept-Encoding`, so the upstream
+/// never answers in one it cannot (zstd, compression dictionaries): a JSON body in such a coding
+/// would reach the client with its upstream links unrewritten, and the client would follow them
+/// around the proxy. `*` becomes the readable codings, with its weight. A header with nothing
+/// readable left becomes `identity`. One that names only readable codings is left as it is.
+pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
+    let readable = |coding: &str| {
+        coding.eq_ignore_ascii_case("identity")
+            || READABLE_CODINGS
+                .iter()
+                .any(|c| coding.eq_ignore_ascii_case(c))
+    };
+    let coding_of = |item: &str| item.split(';').next().unwrap_or("").trim().to_string();
+    let mut kept: Vec<String> = Vec::new();
+    let mut changed = false;
+    let mut star: Option<String> = None;
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            changed = true;
+            continue;
+        };
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let coding = coding_of(item);
+            if coding == "*" {
+                changed = true;
+                star = Some(item[1..].trim().to_string());
+            } else if readable(&coding) {
+                kept.push(item.to_string());
+            } else {
+                changed = true;
+            }
+        }
+    }
+    if !changed {
+        return;
+    }
+    if let Some(weight) = star {
+        // The codings the client left to `*`: those it did not name itself.
+        let named: Vec<String> = kept
+            .iter()
+            .map(|i| coding_of(i).to_ascii_lowercase())
+            .collect();
+        for c in ["gzip", "deflate", "br"] {
+            if !named
+                .iter()
+                .any(|n| n == c || (c == "gzip" && n == "x-gzip"))
+            {
+                kept.push(format!("{c}{weight}"));
+            }
+        }
+    }
+    let value = if kept.is_empty() {
+        "identity".to_string()
+    } else {
+        kept.join(", ")
+    };
+    match HeaderValue::try_from(value) {
+        Ok(v) => {
+            headers.insert(header::ACCEPT_ENCODING, v);
+        }
+        Err(_) => {
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+    }
 }
 
 /// Prepares upstream response headers for the client.
@@ -220,6 +297,37 @@ mod tests {
         assert!(h.get("connection").is_none());
         assert_eq!(h["x-keep"], "1");
         assert_eq!(h[CONTRACT_ID], "c1");
+    }
+
+    #[test]
+    fn accept_encoding_keeps_only_readable_codings() {
+        let narrowed = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            narrow_accept_encoding(&mut h);
+            let out: Vec<_> = h
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            out.join(" | ")
+        };
+        // curl --compressed, Chrome, Firefox.
+        assert_eq!(narrowed(&["deflate, gzip, br, zstd"]), "deflate, gzip, br");
+        assert_eq!(
+            narrowed(&["gzip, deflate, br, zstd, dcb, dcz"]),
+            "gzip, deflate, br"
+        );
+        // Readable only: untouched, weights and spelling included.
+        assert_eq!(narrowed(&["gzip;q=1.0, br;q=0.5"]), "gzip;q=1.0, br;q=0.5");
+        assert_eq!(narrowed(&["GZIP", "identity"]), "GZIP | identity");
+        assert_eq!(narrowed(&["zstd;q=1.0, gzip;q=0.5"]), "gzip;q=0.5");
+        assert_eq!(narrowed(&["zstd"]), "identity");
+        assert_eq!(narrowed(&["*"]), "gzip, deflate, br");
+        assert_eq!(narrowed(&["br, *;q=0.1"]), "br, gzip;q=0.1, deflate;q=0.1");
+        assert_eq!(narrowed(&["x-gzip, *;q=0"]), "x-gzip, deflate;q=0, br;q=0");
     }
 
     #[test]

@@ -442,7 +442,7 @@ async fn forward(
             let Some(text) = text else {
                 return Err(ProxyError::UpstreamUnreachable);
             };
-            if mentions_contract(&text) {
+            if mentions_contract(&rparts.headers, &text) {
                 // A new token cannot fix a contract problem: pass it through, no loop.
                 tracing::warn!("upstream 401 names the contract; passed through");
                 return Ok((rebuild(rparts, text), method));
@@ -522,9 +522,21 @@ async fn refreshed_token(l: &Listener, rejected: &Token) -> Result<Arc<Token>, P
 }
 
 /// Does a 401 body speak of the contract rather than the token?
-fn mentions_contract(body: &Bytes) -> bool {
-    let lower = String::from_utf8_lossy(body).to_ascii_lowercase();
-    lower.contains("contract")
+/// Whether a 401's body names the contract, read through its content coding: clients ask for
+/// gzip, so the API's 401s usually come compressed. A body that cannot be decoded (an unknown or
+/// broken coding) is searched as it is.
+fn mentions_contract(headers: &http::HeaderMap, body: &Bytes) -> bool {
+    use crate::rewrite::{decode, Encoding};
+    let encoding = match headers.get(http::header::CONTENT_ENCODING) {
+        None => None,
+        Some(v) => v.to_str().ok().and_then(|v| Encoding::from_header(Some(v))),
+    };
+    let decoded = match encoding {
+        Some(Encoding::Identity) | None => None,
+        Some(enc) => decode(enc, body, 16 * MAX_401_BODY).ok(),
+    };
+    let text = decoded.as_deref().unwrap_or(body);
+    text.windows(8).any(|w| w.eq_ignore_ascii_case(b"contract"))
 }
 
 fn rebuild(parts: http::response::Parts, body: Bytes) -> Response<PassBody> {
@@ -681,11 +693,31 @@ mod tests {
 
     #[test]
     fn contract_401s() {
-        assert!(mentions_contract(&Bytes::from_static(
-            br#"{"message":"Invalid X-Satellogic-Contract-Id"}"#
-        )));
-        assert!(!mentions_contract(&Bytes::from_static(
-            br#"{"message":"Unauthorized"}"#
-        )));
+        let plain = http::HeaderMap::new();
+        let named = br#"{"message":"Invalid X-Satellogic-Contract-Id"}"#;
+        assert!(mentions_contract(&plain, &Bytes::from_static(named)));
+        assert!(!mentions_contract(
+            &plain,
+            &Bytes::from_static(br#"{"message":"Unauthorized"}"#)
+        ));
+        // Compressed, as the API's gateway sends it to clients that accept gzip or br.
+        for (coding, enc) in [
+            ("gzip", crate::rewrite::Encoding::Gzip),
+            ("br", crate::rewrite::Encoding::Brotli),
+            ("deflate", crate::rewrite::Encoding::Deflate),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::CONTENT_ENCODING,
+                HeaderValue::from_static(coding),
+            );
+            let body = Bytes::from(crate::rewrite::encode(enc, named));
+            assert!(mentions_contract(&headers, &body), "{coding}");
+            let other = Bytes::from(crate::rewrite::encode(
+                enc,
+                b"{\"message\":\"Unauthorized\"}",
+            ));
+            assert!(!mentions_contract(&headers, &other), "{coding}");
+        }
     }
 }

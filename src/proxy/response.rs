@@ -95,6 +95,13 @@ impl ResponsePolicy {
                 .and_then(|v| v.to_str().ok()),
         );
         let (true, true, Some(encoding)) = (json, has_body, encoding) else {
+            if json && has_body {
+                tracing::warn!(
+                    encoding = ?parts.headers.get(header::CONTENT_ENCODING),
+                    "JSON response in a content coding the proxy cannot read: links in it are not rewritten"
+                );
+                not_rewritten("unknown_coding");
+            }
             return Response::from_parts(parts, stream(body, timeouts, guard));
         };
         let declared = parts
@@ -108,6 +115,7 @@ impl ResponsePolicy {
                 limit = self.max_body,
                 "JSON response larger than rewrite.max_body_bytes: links in it are not rewritten"
             );
+            not_rewritten("too_large");
             return Response::from_parts(parts, stream(body, timeouts, guard));
         }
 
@@ -124,6 +132,7 @@ impl ResponsePolicy {
                                 limit = self.max_body,
                                 "JSON response larger than rewrite.max_body_bytes: links in it are not rewritten"
                             );
+                            not_rewritten("too_large");
                             let head =
                                 http_body_util::Full::new(buf.freeze()).map_err(|e| match e {});
                             let chained = Chain {
@@ -156,7 +165,19 @@ impl ResponsePolicy {
             Encoding::Identity => None,
             enc => match rewrite::decode(enc, &original, self.max_body) {
                 Ok(d) => Some(d),
-                Err(_) => return Response::from_parts(parts, body::full(original)),
+                Err(rewrite::RewriteError::TooLarge { .. }) => {
+                    tracing::warn!(
+                        limit = self.max_body,
+                        "JSON response larger than rewrite.max_body_bytes once decoded: links in it are not rewritten"
+                    );
+                    not_rewritten("too_large");
+                    return Response::from_parts(parts, body::full(original));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "JSON response cannot be decoded: links in it are not rewritten");
+                    not_rewritten("undecodable");
+                    return Response::from_parts(parts, body::full(original));
+                }
             },
         };
         let text: &[u8] = decoded.as_deref().unwrap_or(&original);
@@ -178,6 +199,11 @@ impl ResponsePolicy {
             None => Response::from_parts(parts, body::full(original)),
         }
     }
+}
+
+/// A JSON response passed through with its links as the upstream wrote them.
+fn not_rewritten(reason: &'static str) {
+    metrics::counter!("aleph_proxy_links_not_rewritten_total", "reason" => reason).increment(1);
 }
 
 /// The body changed, so a strong validator would lie about byte identity.

@@ -254,6 +254,10 @@ fn describe() {
         "Upstream links rewritten to the proxy in bodies and headers"
     );
     describe_counter!(
+        "aleph_proxy_links_not_rewritten_total",
+        "JSON responses passed through with their links unrewritten, by reason (too_large, undecodable, unknown_coding)"
+    );
+    describe_counter!(
         "aleph_proxy_connections_rejected_total",
         "Connections closed at once because limits.max_connections was reached"
     );
