@@ -256,6 +256,20 @@ async fn check(g: &Global) -> ExitCode {
     };
     crate::telemetry::init_logging(config.log_format);
     println!("configuration: ok");
+    for w in &config.warnings {
+        println!("  warning: {w}");
+    }
+    let mut ok = true;
+    // What `run` would refuse when it binds: an algorithm the kernel lacks or does not allow.
+    if let crate::tcp::Congestion::Named(_) = &config.client_congestion {
+        let probe = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await;
+        if let Err(e) = probe.and_then(|tcp| {
+            crate::tcp::setup_listener(&tcp, config.listeners[0].listen, &config.client_congestion)
+        }) {
+            println!("tcp.client_congestion_control: {e}");
+            ok = false;
+        }
+    }
     let rt = match crate::Runtime::new(&without_token_cache(&config)) {
         Ok(rt) => rt,
         Err(e) => {
@@ -263,7 +277,6 @@ async fn check(g: &Global) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut ok = true;
     for (i, tokens) in rt.tokens.iter().enumerate() {
         let cred = &config.credentials[i];
         match tokens.fetch().await {

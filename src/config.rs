@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
-use figment::Figment;
+use figment::{Figment, Provider as _};
 use ipnet::IpNet;
 use url::Url;
 
@@ -25,6 +25,10 @@ pub const ENV_PREFIX: &str = "ALEPH_PROXY_";
 
 /// Every key the configuration accepts, as dotted paths. `[]` marks an array of tables.
 /// Unknown keys are errors (a typo must not silently fall back to a default).
+/// The longest duration any setting takes: past it, a deadline computed from it could overflow
+/// the clock, and no timeout or backoff of a proxy is meant to be longer.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 const KNOWN_KEYS: &[&str] = &[
     "listen",
     "upstream",
@@ -277,18 +281,21 @@ impl Overrides {
     }
 }
 
+/// The `ALEPH_PROXY_` environment variables, `__` separating the levels of a key.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .split("__")
+        // ALEPH_PROXY_CONFIG names the file (a CLI flag), it is not a key.
+        .ignore(&["config"])
+}
+
 /// The figment for a config file path (optional), the process environment and CLI overrides.
 pub fn figment(path: Option<&Path>, overrides: &Overrides) -> Figment {
     let mut fig = Figment::new();
     if let Some(p) = path {
         fig = fig.merge(Toml::file_exact(p));
     }
-    fig = fig.merge(
-        Env::prefixed(ENV_PREFIX)
-            .split("__")
-            // ALEPH_PROXY_CONFIG names the file (a CLI flag), it is not a key.
-            .ignore(&["config"]),
-    );
+    fig = fig.merge(env_provider());
     for (k, v) in &overrides.0 {
         fig = fig.merge(Serialized::default(k, v.clone()));
     }
@@ -384,10 +391,36 @@ impl Parser<'_> {
         Some(v)
     }
 
-    /// A string value; numbers and booleans are accepted as their text (env values like
-    /// `ALEPH_PROXY_CONTRACT__DEFAULT=123` arrive as numbers).
+    /// Whether `v` came from the environment.
+    fn is_from_env(&self, v: &Value) -> bool {
+        self.fig
+            .get_metadata(v.tag())
+            .is_some_and(|md| md.name == env_provider().metadata().name)
+    }
+
+    /// The environment's own text for a string key whose value came from the environment.
+    /// figment reads environment values as TOML-like values (`0012` a number, `"x"` unquoted,
+    /// `[a]` an array, spaces trimmed): secrets, ids and keys must arrive exactly as written.
+    fn raw_env(&self, key: &str, v: &Value) -> Option<String> {
+        if !self.is_from_env(v) {
+            return None;
+        }
+        let name = format!("{ENV_PREFIX}{}", key.replace('.', "__"));
+        std::env::vars_os().find_map(|(k, value)| {
+            let k = k.to_str()?;
+            k.eq_ignore_ascii_case(&name)
+                .then(|| value.into_string().ok())
+                .flatten()
+        })
+    }
+
+    /// A string value; numbers and booleans given in the file are accepted as their text. Values
+    /// from the environment are taken as written ([`Self::raw_env`]).
     fn string(&mut self, key: &str) -> Option<String> {
         let v = self.value(key)?;
+        if let Some(raw) = self.raw_env(key, &v) {
+            return Some(raw);
+        }
         match &v {
             Value::String(_, s) => Some(s.clone()),
             Value::Num(_, n) => Some(
@@ -408,6 +441,9 @@ impl Parser<'_> {
 
     fn secret(&mut self, key: &str) -> Option<Secret> {
         let v = self.value(key)?;
+        if let Some(raw) = self.raw_env(key, &v) {
+            return Some(Secret::new(raw));
+        }
         match &v {
             Value::String(_, s) => Some(Secret::new(s.clone())),
             Value::Num(..) | Value::Bool(..) => self.string(key).map(Secret::new),
@@ -469,19 +505,19 @@ impl Parser<'_> {
             return default;
         };
         let parsed = match &v {
-            Value::Num(_, n) => n
-                .to_f64()
-                .filter(|f| f.is_finite() && *f > 0.0)
-                .map(Duration::from_secs_f64),
+            Value::Num(_, n) => match n.to_u128() {
+                Some(whole) => u64::try_from(whole).ok().map(Duration::from_secs),
+                None => n.to_f64().and_then(|f| Duration::try_from_secs_f64(f).ok()),
+            },
             Value::String(_, s) => humantime::parse_duration(s.trim()).ok(),
             _ => None,
         };
         match parsed {
-            Some(d) if !d.is_zero() => d,
+            Some(d) if !d.is_zero() && d <= MAX_DURATION => d,
             _ => {
                 let src = source_of(self.fig, &v);
                 self.problem(format!(
-                    "`{key}` must be a positive duration such as \"10s\", \"500ms\" or \"5m\", not {}{src}",
+                    "`{key}` must be a positive duration of at most a year, such as \"10s\", \"500ms\" or \"5m\", not {}{src}",
                     describe(&v)
                 ));
                 default
@@ -549,27 +585,39 @@ impl Parser<'_> {
         }
     }
 
-    /// Reads a secret given inline (`key`) or as a file (`file_key`); both is an error.
-    fn secret_inline_or_file(&mut self, key: &str, file_key: &str) -> Option<Secret> {
+    /// Reads a secret given inline (`key`) or as a file (`file_key`). Given both in one layer,
+    /// that is an error; in different layers, the environment's wins over the file's, as it does
+    /// for every key. `Err` when a problem was reported.
+    fn secret_inline_or_file(&mut self, key: &str, file_key: &str) -> Result<Option<Secret>, ()> {
+        let (inline_env, file_env) = (
+            self.value(key).is_some_and(|v| self.is_from_env(&v)),
+            self.value(file_key).is_some_and(|v| self.is_from_env(&v)),
+        );
         let inline = self.secret(key);
         let file = self.path(file_key);
         match (inline, file) {
+            (Some(s), Some(_)) if inline_env && !file_env => Ok(Some(s)),
+            (Some(_), Some(path)) if file_env && !inline_env => self.secret_file(file_key, &path),
             (Some(_), Some(_)) => {
                 self.problem(format!("set `{key}` or `{file_key}`, not both"));
-                None
+                Err(())
             }
-            (Some(s), None) => Some(s),
-            (None, Some(path)) => match read_secret_file(&path) {
-                Ok((s, warning)) => {
-                    self.warnings.extend(warning);
-                    Some(s)
-                }
-                Err(e) => {
-                    self.problem(format!("`{file_key}`: {e}"));
-                    None
-                }
-            },
-            (None, None) => None,
+            (Some(s), None) => Ok(Some(s)),
+            (None, Some(path)) => self.secret_file(file_key, &path),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn secret_file(&mut self, file_key: &str, path: &Path) -> Result<Option<Secret>, ()> {
+        match read_secret_file(path) {
+            Ok((s, warning)) => {
+                self.warnings.extend(warning);
+                Ok(Some(s))
+            }
+            Err(e) => {
+                self.problem(format!("`{file_key}`: {e}"));
+                Err(())
+            }
         }
     }
 
@@ -629,7 +677,10 @@ impl Parser<'_> {
                 "`auth.client_id` is required (set it in the config file or as {ENV_PREFIX}AUTH__CLIENT_ID)"
             ));
         }
-        if client_secret.as_ref().map_or(true, |s| s.is_empty()) {
+        if client_secret
+            .as_ref()
+            .is_ok_and(|s| s.as_ref().map_or(true, |s| s.is_empty()))
+        {
             self.problem(format!(
                 "`auth.client_secret` or `auth.client_secret_file` is required (or {ENV_PREFIX}AUTH__CLIENT_SECRET)"
             ));
@@ -639,7 +690,7 @@ impl Parser<'_> {
             token_url,
             audience,
             client_id: client_id.unwrap_or_default(),
-            client_secret: client_secret.unwrap_or_default(),
+            client_secret: client_secret.ok().flatten().unwrap_or_default(),
             token_cache,
             wait_timeout,
             retry_initial_backoff,
@@ -662,13 +713,16 @@ impl Parser<'_> {
         self.extra_listeners(&main_auth, &contract, &mut credentials, &mut listeners);
 
         let admin_listen = self.socket_addr("admin.listen", DEFAULT_ADMIN_LISTEN);
-        let mut seen = std::collections::HashSet::new();
+        let (mut seen, mut reported) = (
+            std::collections::HashSet::new(),
+            std::collections::HashSet::new(),
+        );
         for addr in listeners
             .iter()
             .map(|l| l.listen)
             .chain(std::iter::once(admin_listen))
         {
-            if addr.port() != 0 && !seen.insert(addr) {
+            if addr.port() != 0 && !seen.insert(addr) && reported.insert(addr) {
                 self.problem(format!("address {addr} is used by more than one listener"));
             }
         }
@@ -833,7 +887,8 @@ impl Parser<'_> {
                     &format!("{base}.auth.client_secret_file"),
                 );
                 match (client_id, secret) {
-                    (Some(id), Some(secret)) if !id.is_empty() && !secret.is_empty() => {
+                    (_, Err(())) => 0,
+                    (Some(id), Ok(Some(secret))) if !id.is_empty() && !secret.is_empty() => {
                         let auth = AuthConfig {
                             client_id: id,
                             client_secret: secret,
@@ -883,7 +938,10 @@ impl Parser<'_> {
                 http::HeaderName::from_static("x-aleph-proxy-key")
             }
         };
-        let key = self.secret_inline_or_file("access.key", "access.key_file");
+        let key = self
+            .secret_inline_or_file("access.key", "access.key_file")
+            .ok()
+            .flatten();
         if let Some(k) = &key {
             if k.expose().len() < 16 {
                 self.problem("`access.key` must be at least 16 characters long");
@@ -920,8 +978,10 @@ fn describe(v: &Value) -> String {
     match v {
         Value::String(_, s) => format!("\"{s}\""),
         Value::Num(_, n) => n
-            .to_f64()
-            .map(|f| f.to_string())
+            .to_i128()
+            .map(|i| i.to_string())
+            .or_else(|| n.to_u128().map(|u| u.to_string()))
+            .or_else(|| n.to_f64().map(|f| f.to_string()))
             .unwrap_or_else(|| "a number".into()),
         Value::Bool(_, b) => b.to_string(),
         Value::Char(_, c) => format!("'{c}'"),
@@ -944,6 +1004,16 @@ fn walk_keys(fig: &Figment, dict: &Dict, prefix: &str, unknown: &mut Vec<String>
                 "unknown key `{shown}`{}; known keys are listed in config/aleph-proxy.example.toml",
                 source_of(fig, v)
             ));
+            continue;
+        }
+        // A leaf key holding a table or an array (an environment value such as `{a=1}` parsed
+        // as one) is reported as a wrong type by its parser; its parts are not keys, and a
+        // secret's parts must not be printed as unknown keys.
+        let is_table = KNOWN_KEYS.iter().any(|k| {
+            k.strip_prefix(path.as_str())
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with("[]"))
+        });
+        if !is_table {
             continue;
         }
         match v {
@@ -978,12 +1048,18 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 
 /// Parses an absolute http(s) URL without credentials in it.
 pub fn parse_http_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text.trim()).map_err(|e| format!("\"{text}\" is not a URL ({e})"))?;
+    // Text that may hold a user name and password is not echoed, whatever else is wrong with it.
+    let shown = if text.contains('@') {
+        "the URL".to_string()
+    } else {
+        format!("\"{text}\"")
+    };
+    let url = Url::parse(text.trim()).map_err(|e| format!("{shown} is not a URL ({e})"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(format!("\"{text}\" must be an http:// or https:// URL"));
+        return Err(format!("{shown} must be an http:// or https:// URL"));
     }
     if url.host_str().map_or(true, |h| h.is_empty()) {
-        return Err(format!("\"{text}\" has no host"));
+        return Err(format!("{shown} has no host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
         // Do not echo the URL: it holds credentials.
@@ -1131,6 +1207,114 @@ mod tests {
             assert!(err.problems.len() >= 8, "{text}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn environment_values_of_string_keys_arrive_as_written() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_ID", "0042");
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET", "0012345678901234");
+            jail.set_env("ALEPH_PROXY_CONTRACT__DEFAULT", "007");
+            jail.set_env("ALEPH_PROXY_ACCESS__KEY", "00001111222233334444");
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.credentials[0].client_id, "0042");
+            assert_eq!(c.credentials[0].client_secret.expose(), "0012345678901234");
+            assert_eq!(c.listeners[0].contract.default.as_deref(), Some("007"));
+            assert_eq!(
+                c.access.key.as_ref().unwrap().expose(),
+                "00001111222233334444"
+            );
+            // Values figment would read as a string, a table or an array, or trim.
+            for secret in ["\"quoted\"", "{a=1}", "[abc]", "  spaced  "] {
+                jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET", secret);
+                let c =
+                    load(None, &Overrides::default()).unwrap_or_else(|e| panic!("{secret:?}: {e}"));
+                assert_eq!(c.credentials[0].client_secret.expose(), secret);
+            }
+            // Non-string keys still take numbers from the environment.
+            jail.set_env("ALEPH_PROXY_TIMEOUTS__CONNECT", "3");
+            jail.set_env("ALEPH_PROXY_LIMITS__MAX_IN_FLIGHT", "7");
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.timeouts.connect, Duration::from_secs(3));
+            assert_eq!(c.limits.max_in_flight, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_environment_secret_wins_over_a_file_setting_of_the_other_form() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.create_file("f.toml", "[auth]\nclient_secret_file = \"nowhere\"\n")?;
+            let c = load(Some(Path::new("f.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.credentials[0].client_secret.expose(), "s3cr3t-value");
+            // The other way round: a secret file from the environment over the file's secret.
+            jail.create_file("secret.txt", "from-file\n")?;
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET", "");
+            jail.create_file("g.toml", "[auth]\nclient_secret = \"inline\"\n")?;
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE", "secret.txt");
+            std::env::remove_var("ALEPH_PROXY_AUTH__CLIENT_SECRET");
+            let c = load(Some(Path::new("g.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.credentials[0].client_secret.expose(), "from-file");
+            // Both in one layer: one problem, not a second one saying neither is set.
+            jail.create_file(
+                "both.toml",
+                "[auth]\nclient_secret = \"a\"\nclient_secret_file = \"secret.txt\"\n",
+            )?;
+            std::env::remove_var("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE");
+            let err = load(Some(Path::new("both.toml")), &Overrides::default()).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{err}");
+            assert!(err.problems[0].contains("not both"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_values_are_problems_named_with_their_value() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.create_file(
+                "c.toml",
+                r#"
+                listen = "127.0.0.1:7000"
+                [admin]
+                listen = "127.0.0.1:7000"
+                [[listeners]]
+                listen = "127.0.0.1:7000"
+                [timeouts]
+                connect = 1e20
+                response_headers = "18000000000000000000s"
+                body_idle = "2years"
+                [limits]
+                max_in_flight = 0
+                "#,
+            )?;
+            let err = load(Some(Path::new("c.toml")), &Overrides::default()).unwrap_err();
+            let text = err.to_string();
+            for needle in [
+                "`timeouts.connect`",
+                "`timeouts.response_headers`",
+                "`timeouts.body_idle`",
+                "`limits.max_in_flight` must be a whole number of at least 1, not 0",
+            ] {
+                assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+            }
+            assert_eq!(text.matches("127.0.0.1:7000 is used").count(), 1, "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn urls_with_credentials_are_never_echoed() {
+        for bad in [
+            "https://user:PASSWD@api.example.com:99999/",
+            "ftp://user:PASSWD@host/",
+            "https://user:PASSWD@/x",
+            "https://user:PASSWD@api.example.com/",
+        ] {
+            let e = parse_http_url(bad).unwrap_err();
+            assert!(!e.contains("PASSWD"), "{e}");
+        }
     }
 
     #[test]

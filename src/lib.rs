@@ -382,8 +382,9 @@ impl Signals {
     }
 }
 
-/// Installs the SIGTERM and SIGINT handlers and counts the signals. Must be called within a
-/// Tokio runtime.
+/// Installs the SIGTERM, SIGINT and SIGHUP handlers and counts the signals. Must be called within
+/// a Tokio runtime. SIGHUP (a closed terminal, or a reload sent out of habit: the proxy has no
+/// reload) drains like SIGTERM instead of killing the process with requests in flight.
 pub fn shutdown_signals() -> Signals {
     let (tx, received) = watch::channel(0u32);
     #[cfg(unix)]
@@ -391,6 +392,7 @@ pub fn shutdown_signals() -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).ok();
         let mut term = signal(SignalKind::terminate()).ok();
+        let mut hup = signal(SignalKind::hangup()).ok();
         tokio::spawn(async move {
             async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
                 match s.as_mut() {
@@ -406,6 +408,7 @@ pub fn shutdown_signals() -> Signals {
                 let name = tokio::select! {
                     _ = recv(&mut int) => "SIGINT",
                     _ = recv(&mut term) => "SIGTERM",
+                    _ = recv(&mut hup) => "SIGHUP",
                 };
                 counted(&tx, name);
             }

@@ -1075,14 +1075,17 @@ async fn sigterm_during_a_download_lets_it_finish_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigint_stops_an_idle_proxy_with_exit_0() {
+async fn sigint_and_sighup_stop_an_idle_proxy_with_exit_0() {
     init();
     let mock = Mock::start(MockOptions::default()).await.unwrap();
-    let mut b = Binary::start(&mock, "").await;
-    b.signal("INT");
-    let status = b.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(0), "{}", b.log());
-    assert!(b.log().contains("SIGINT received"));
+    // SIGHUP (a closed terminal) drains like the others instead of killing the process.
+    for signal in ["INT", "HUP"] {
+        let mut b = Binary::start(&mock, "").await;
+        b.signal(signal);
+        let status = b.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(0), "{}", b.log());
+        assert!(b.log().contains(&format!("SIG{signal} received")));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -695,6 +695,53 @@ async fn check_fails_on_a_bad_config() {
 }
 
 #[tokio::test]
+async fn check_refuses_what_run_refuses_and_shows_the_warnings_run_logs() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A congestion control the kernel lacks: `run` fails when it binds, so `check` fails too.
+    let cfg = write(
+        dir.path(),
+        "cc.toml",
+        &toml_for(
+            &mock,
+            free_addr(),
+            free_addr(),
+            "[contract]\ndefault = \"c\"\n[tcp]\nclient_congestion_control = \"nosuchalgo\"\n",
+        ),
+    );
+    let mut c = aleph();
+    c.arg("check").arg("--config").arg(&cfg);
+    let o = output(c).await;
+    assert_eq!(o.code, Some(1), "{}\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout
+            .contains("cannot use TCP congestion control \"nosuchalgo\""),
+        "{}",
+        o.stdout
+    );
+    assert!(!o.stdout.contains("all good"));
+
+    // A secret file every user can read: `run` warns at start, `check` shows the same warning.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = write(dir.path(), "secret", &format!("{MOCK_CLIENT_SECRET}\n"));
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let toml = toml_for(&mock, free_addr(), free_addr(), "").replace(
+            &format!("client_secret = \"{MOCK_CLIENT_SECRET}\""),
+            &format!("client_secret_file = \"{}\"", secret.display()),
+        );
+        let cfg = write(dir.path(), "ws.toml", &toml);
+        let mut c = aleph();
+        c.arg("check").arg("--config").arg(&cfg);
+        let o = output(c).await;
+        assert!(o.stdout.contains("warning:"), "{}", o.stdout);
+        assert!(o.stdout.contains("readable by every user"), "{}", o.stdout);
+        assert!(!o.stdout.contains(MOCK_CLIENT_SECRET));
+    }
+}
+
+#[tokio::test]
 async fn check_fails_on_rejected_credentials() {
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     mock.state.set_token_mode(TokenMode::Reject);
