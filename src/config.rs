@@ -56,6 +56,7 @@ const KNOWN_KEYS: &[&str] = &[
     "listeners",
     "listeners[].listen",
     "listeners[].contract",
+    "listeners[].public_url",
     "listeners[].auth",
     "listeners[].auth.client_id",
     "listeners[].auth.client_secret",
@@ -149,6 +150,10 @@ pub struct ContractConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
+    /// Base URL of this listener's rewritten links: the top-level `public_url` for the main
+    /// listener, each `[[listeners]]` entry's own for the others (a listener has its own
+    /// contract, so its links must lead back to it).
+    pub public_url: Option<Url>,
     /// Index into [`Config::credentials`].
     pub credential: usize,
     pub contract: ContractConfig,
@@ -547,6 +552,18 @@ impl Parser<'_> {
         }
     }
 
+    /// A `public_url`-type key; `shown` is its name in problems (`listeners[1].public_url`).
+    fn public_url(&mut self, key: &str, shown: &str) -> Option<Url> {
+        let text = self.string(key)?;
+        match parse_http_url(&text) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.problem(format!("`{shown}`: {e}"));
+                None
+            }
+        }
+    }
+
     fn path(&mut self, key: &str) -> Option<PathBuf> {
         self.string(key)
             .filter(|s| !s.is_empty())
@@ -634,15 +651,7 @@ impl Parser<'_> {
                 self.problem(format!("`upstream_ca_file`: {e}"));
             }
         }
-        let public_url = self
-            .string("public_url")
-            .and_then(|s| match parse_http_url(&s) {
-                Ok(u) => Some(u),
-                Err(e) => {
-                    self.problem(format!("`public_url`: {e}"));
-                    None
-                }
-            });
+        let public_url = self.public_url("public_url", "public_url");
 
         // [auth]
         let mode = match self.string("auth.mode").as_deref() {
@@ -707,6 +716,7 @@ impl Parser<'_> {
         let mut credentials = vec![main_auth.clone()];
         let mut listeners = vec![ListenerConfig {
             listen: self.socket_addr("listen", DEFAULT_LISTEN),
+            public_url: public_url.clone(),
             credential: 0,
             contract: contract.clone(),
         }];
@@ -917,8 +927,13 @@ impl Parser<'_> {
             } else {
                 0
             };
+            let public_url = self.public_url(
+                &format!("{base}.public_url"),
+                &format!("listeners[{i}].public_url"),
+            );
             listeners.push(ListenerConfig {
                 listen,
+                public_url,
                 credential,
                 contract: lc,
             });

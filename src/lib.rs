@@ -260,6 +260,10 @@ pub async fn run_with(
             ),
             access,
             local_addr,
+            public_url: lc
+                .public_url
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_string()),
         });
         tracing::info!(
             listen = %local_addr,

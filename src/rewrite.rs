@@ -3,7 +3,10 @@
 //! A client that follows an absolute upstream link bypasses the proxy and loses the injected
 //! credentials, so every link that points back at the upstream is turned into the same link on the
 //! proxy. Everything else in a body is left byte-identical: signed URLs of other hosts must not be
-//! touched, and clients may compare or cache the documents.
+//! touched, and clients may compare or cache the documents. Root-relative links (`next`,
+//! `previous`, `href` values and header targets) change only where the proxy's path prefix
+//! differs from the upstream's base path, and values under a `body` key never change: the client
+//! sends them back to the API.
 
 use std::io::{Read, Write};
 
@@ -209,6 +212,40 @@ impl Rewriter {
         Some(out)
     }
 
+    /// The path a root-relative upstream link (`/v2/orders?offset=25`) takes through the proxy at
+    /// `public_base`, when that differs from the link: the upstream's base path taken off, the
+    /// proxy's path prefix (`public_url = "https://gis.example.org/aleph"`) put on. `None` when
+    /// `s` is not a plain root-relative link (`//host`, dot segments, backslashes), lies outside
+    /// the upstream's base path, or reads the same through the proxy (no prefix on either side:
+    /// the common case).
+    pub fn rewrite_root_relative(&self, s: &str, public_base: &str) -> Option<String> {
+        let prefix = path_of(trim_base(public_base));
+        if prefix == self.base_path {
+            return None;
+        }
+        let b = s.as_bytes();
+        if b.first() != Some(&b'/') || matches!(b.get(1), Some(b'/' | b'\\')) {
+            return None;
+        }
+        let path = &s[..checked_path_len(b)?];
+        let rest = if self.base_path.is_empty() {
+            s
+        } else {
+            let tail = path.strip_prefix(self.base_path.as_str())?;
+            if !(tail.is_empty() || tail.starts_with('/')) {
+                return None;
+            }
+            &s[self.base_path.len()..]
+        };
+        let mut out = String::with_capacity(prefix.len() + rest.len() + 1);
+        out.push_str(prefix);
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+
     /// Where the part of `s` relative to the upstream base path starts, if `s` is an upstream URL.
     ///
     /// Only unambiguous URLs qualify: anything a lenient parser could read differently from a strict
@@ -277,6 +314,7 @@ impl Rewriter {
             scratch: String::new(),
             body_key: false,
             untouched_below: None,
+            link_key: false,
         };
         scan.document().ok()?;
         if scan.count == 0 {
@@ -321,6 +359,11 @@ impl Rewriter {
                         out.push_str(&target[at..]);
                         copied = start + len;
                         changed = true;
+                    } else if let Some(new) = self.rewrite_root_relative(target, public_base) {
+                        out.push_str(&value[copied..start]);
+                        out.push_str(&new);
+                        copied = start + len;
+                        changed = true;
                     }
                     i = start + len + 1;
                 }
@@ -342,6 +385,15 @@ fn default_port(scheme: &str) -> Option<u16> {
         "ftp" => Some(21),
         _ => None,
     }
+}
+
+/// The path of a base URL without a trailing slash (`/aleph` of `https://host/aleph`), empty
+/// for a URL at its host's root.
+fn path_of(base: &str) -> &str {
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    base[after_scheme..]
+        .find('/')
+        .map_or("", |i| &base[after_scheme + i..])
 }
 
 /// The proxy base is documented without a trailing slash; tolerate one rather than emit `//`.
@@ -471,6 +523,9 @@ struct Scan<'a> {
     body_key: bool,
     /// Inside a `body` value that is an object or array: the container depth where it started.
     untouched_below: Option<usize>,
+    /// The key just read names a link (`next`, `previous`, `href`): a root-relative value is a
+    /// path on the upstream, which a proxy path prefix must be put in front of.
+    link_key: bool,
 }
 
 impl Scan<'_> {
@@ -506,7 +561,9 @@ impl Scan<'_> {
         }
         let start = self.i + 1;
         self.string(false)?;
-        self.body_key = &self.b[start..self.i - 1] == b"body";
+        let key = &self.b[start..self.i - 1];
+        self.body_key = key == b"body";
+        self.link_key = matches!(key, b"next" | b"previous" | b"href");
         self.expect(b':')
     }
 
@@ -517,6 +574,7 @@ impl Scan<'_> {
             // A value starts here.
             self.skip_ws();
             let untouched = std::mem::take(&mut self.body_key) || self.untouched_below.is_some();
+            let link = std::mem::take(&mut self.link_key);
             match self.peek()? {
                 b'{' | b'[' => {
                     let is_obj = self.b[self.i] == b'{';
@@ -540,6 +598,9 @@ impl Scan<'_> {
                         }
                         continue;
                     }
+                }
+                b'"' if link && !untouched && self.b.get(self.i + 1) == Some(&b'/') => {
+                    self.relative_link()?
                 }
                 b'"' => self.string(!untouched)?,
                 b'-' | b'0'..=b'9' => self.number()?,
@@ -626,6 +687,29 @@ impl Scan<'_> {
                 return Err(Invalid);
             }
         }
+        Ok(())
+    }
+
+    /// A link value starting with `/` at the cursor: put the proxy's path prefix in front when
+    /// it needs one. Only plain strings (no escapes) are considered: leaving a link is safe.
+    fn relative_link(&mut self) -> Result<(), Invalid> {
+        let start = self.i + 1;
+        self.string(false)?;
+        let end = self.i - 1;
+        let raw = &self.text[start..end];
+        if raw.contains('\\') {
+            return Ok(());
+        }
+        let Some(new) = self.rw.rewrite_root_relative(raw, self.public_base) else {
+            return Ok(());
+        };
+        if self.out.is_empty() {
+            self.out.reserve(self.b.len() + self.b.len() / 16);
+        }
+        self.out.extend_from_slice(&self.b[self.copied..start]);
+        write_escaped(&mut self.out, &new, false);
+        self.copied = end;
+        self.count += 1;
         Ok(())
     }
 
@@ -1219,6 +1303,59 @@ mod tests {
         assert_eq!(
             out,
             r#"{"rel":"next","href":"http://127.0.0.1:8080/archive/stac/search","method":"POST","body":{"next":"abc","collections":["l1d"]}}"#
+        );
+    }
+
+    #[test]
+    fn root_relative_links_get_the_proxy_path_prefix_when_the_paths_differ() {
+        let r = aleph();
+        let prefixed = "https://gis.example.org/aleph/";
+        let rel = |r: &Rewriter, s: &str, base: &str| r.rewrite_root_relative(s, base);
+        assert_eq!(
+            rel(&r, "/v2/orders?offset=25&limit=25", prefixed).as_deref(),
+            Some("/aleph/v2/orders?offset=25&limit=25")
+        );
+        // No prefix on either side: the link reads the same through the proxy.
+        assert_eq!(rel(&r, "/v2/orders?offset=25", PUB), None);
+        // Not plain root-relative paths: left alone.
+        for s in [
+            "//evil.example/x",
+            "/\\evil.example",
+            "/a/../../x",
+            "v2/orders",
+            "/a b",
+            "",
+        ] {
+            assert_eq!(rel(&r, s, prefixed), None, "{s:?}");
+        }
+        // An upstream with a base path: links under it lose it, others are not the API's.
+        let based = rw("http://127.0.0.1:4000/base");
+        assert_eq!(rel(&based, "/base/x?y", PUB).as_deref(), Some("/x?y"));
+        assert_eq!(rel(&based, "/base", PUB).as_deref(), Some("/"));
+        assert_eq!(
+            rel(&based, "/base?q", prefixed).as_deref(),
+            Some("/aleph/?q")
+        );
+        assert_eq!(rel(&based, "/basement/x", PUB), None);
+        assert_eq!(rel(&based, "/other", PUB), None);
+
+        // In JSON: the values of link keys only, and not inside a `body`.
+        let body = r#"{"next":"/v2/orders?offset=25&limit=25","previous":null,"path":"/v2/x","links":[{"href":"/a","body":{"next":"/b"}}],"results":["/c"]}"#;
+        let (out, n) = r
+            .rewrite_json(body.as_bytes(), prefixed)
+            .map(|(b, n)| (String::from_utf8(b).unwrap(), n))
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            out,
+            r#"{"next":"/aleph/v2/orders?offset=25&limit=25","previous":null,"path":"/v2/x","links":[{"href":"/aleph/a","body":{"next":"/b"}}],"results":["/c"]}"#
+        );
+        assert!(json(&r, body).is_none(), "no prefix: nothing to change");
+        // In a Link header.
+        assert_eq!(
+            r.rewrite_link_header(r#"</v2/orders?offset=25>; rel="next""#, prefixed)
+                .as_deref(),
+            Some(r#"</aleph/v2/orders?offset=25>; rel="next""#)
         );
     }
 

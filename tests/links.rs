@@ -130,6 +130,31 @@ async fn codings_the_proxy_cannot_read_are_not_asked_of_the_upstream() {
 }
 
 #[tokio::test]
+async fn a_head_of_json_does_not_promise_the_upstream_length() {
+    // The GET comes back rewritten, so the upstream's length (and byte ranges) would be wrong:
+    // GDAL takes a HEAD's Content-Length as the size of what it then reads.
+    let h = Harness::start("").await;
+    let url = h.url("/tasking/tasks/?limit=5");
+    let upstream = reqwest::Client::new()
+        .head(format!("{}/tasking/tasks/?limit=5", h.mock.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert!(upstream.headers().get("content-length").is_some());
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.headers().get("content-length").is_none(), "{head:?}");
+    assert!(head.headers().get("accept-ranges").is_none());
+    let get = client().get(&url).send().await.unwrap();
+    let len: usize = get.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(get.bytes().await.unwrap().len(), len);
+}
+
+#[tokio::test]
 async fn location_and_link_headers_are_rewritten() {
     let h = Harness::start("").await;
     let r = client()
@@ -156,6 +181,9 @@ async fn public_url_and_the_off_switch() {
         v["next"],
         "https://proxy.example.org/aleph/tasking/tasks/?limit=100&offset=100"
     );
+    // A relative link resolves against the URL the client used, which has the prefix in front.
+    let v: serde_json::Value = get_json(&h.url("/v2/orders/?limit=25")).await;
+    assert_eq!(v["next"], "/aleph/v2/orders?offset=25&limit=25");
 
     let h = Harness::start("[rewrite]\nenabled = false").await;
     let v: serde_json::Value = get_json(&h.url("/tasking/tasks/?limit=100")).await;
@@ -290,6 +318,42 @@ async fn each_listener_uses_its_own_contract_and_they_share_one_token() {
         assert_eq!(rec.headers["x-satellogic-contract-id"], want);
     }
     assert_eq!(h.token_fetches(), 1);
+}
+
+#[tokio::test]
+async fn public_url_belongs_to_the_main_listener_and_each_listener_may_have_its_own() {
+    // One public URL for every port would send a listener's clients to another contract.
+    let h = Harness::start_with(
+        support::two_contracts(),
+        &format!(
+            r#"
+            public_url = "https://gis.example.org/aleph"
+            [contract]
+            default = "{MOCK_CONTRACT}"
+            [[listeners]]
+            listen = "127.0.0.1:0"
+            contract = "{MOCK_CONTRACT}"
+            [[listeners]]
+            listen = "127.0.0.1:0"
+            contract = "{MOCK_CONTRACT_2}"
+            public_url = "https://gis.example.org/aleph-b/"
+            "#
+        ),
+    )
+    .await;
+    for (addr, base) in [
+        (h.proxies[0], "https://gis.example.org/aleph".to_string()),
+        (h.proxies[1], format!("http://{}", h.proxies[1])),
+        (h.proxies[2], "https://gis.example.org/aleph-b".to_string()),
+    ] {
+        let v: serde_json::Value =
+            get_json(&format!("http://{addr}/tasking/tasks/?limit=100")).await;
+        assert_eq!(
+            v["next"],
+            format!("{base}/tasking/tasks/?limit=100&offset=100"),
+            "{addr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -519,6 +519,12 @@ async fn routes(
 ) -> Response {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let opts = s.opts.lock().unwrap().clone();
+    // A HEAD is answered as the GET, without its body (hyper drops it), as the API does.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     match (method.clone(), segs.as_slice()) {
         (Method::GET, ["tasking", "products"]) => json_response(
             StatusCode::OK,

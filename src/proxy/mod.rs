@@ -82,6 +82,8 @@ pub struct Listener {
     pub contracts: ContractRouter,
     pub access: Access,
     pub local_addr: SocketAddr,
+    /// This listener's `public_url`, without a trailing slash.
+    pub public_url: Option<String>,
 }
 
 /// Held for the life of a request, until its response body is fully sent.
@@ -285,7 +287,10 @@ async fn serve(
             })
         }
     };
-    let public_base = l.shared.response.public_base(req.headers(), l.local_addr);
+    let public_base =
+        l.shared
+            .response
+            .public_base(req.headers(), l.local_addr, l.public_url.as_deref());
     let resp = forward(l, req, rid).await?;
     Ok(l.shared
         .response

@@ -20,7 +20,6 @@ use crate::rewrite::{self, Encoding, Rewriter};
 
 pub struct ResponsePolicy {
     rewriter: Option<Rewriter>,
-    public_url: Option<String>,
     max_body: usize,
 }
 
@@ -31,20 +30,22 @@ impl ResponsePolicy {
                 .rewrite
                 .enabled
                 .then(|| Rewriter::new(&config.upstream.url)),
-            public_url: config
-                .public_url
-                .as_ref()
-                .map(|u| u.as_str().trim_end_matches('/').to_string()),
             max_body: config.rewrite.max_body_bytes,
         }
     }
 
-    /// The base URL clients should use to come back through this proxy: `public_url`, else the
-    /// Host the client used (scheme http), else the listener's address.
-    pub fn public_base(&self, headers: &HeaderMap, local: SocketAddr) -> Option<String> {
+    /// The base URL clients should use to come back through this listener: its `public_url`
+    /// (no trailing slash), else the Host the client used (scheme http), else the listener's
+    /// address.
+    pub fn public_base(
+        &self,
+        headers: &HeaderMap,
+        local: SocketAddr,
+        public_url: Option<&str>,
+    ) -> Option<String> {
         self.rewriter.as_ref()?;
-        if let Some(p) = &self.public_url {
-            return Some(p.clone());
+        if let Some(p) = public_url {
+            return Some(p.to_string());
         }
         let host = headers
             .get(header::HOST)
@@ -94,6 +95,13 @@ impl ResponsePolicy {
                 .get(header::CONTENT_ENCODING)
                 .and_then(|v| v.to_str().ok()),
         );
+        if json && method == Method::HEAD && encoding.is_some() {
+            // The GET of this resource may come back rewritten: its length, byte ranges and
+            // digests are not known from here, and its validator can only be weak (RFC 9110
+            // 9.3.2 lets a HEAD leave out what is determined while the content is generated).
+            parts.headers.remove(header::CONTENT_LENGTH);
+            drop_byte_identity(&mut parts.headers);
+        }
         let (true, true, Some(encoding)) = (json, has_body, encoding) else {
             if json && has_body {
                 tracing::warn!(
@@ -186,11 +194,7 @@ impl ResponsePolicy {
                 metrics::counter!("aleph_proxy_links_rewritten_total").increment(count as u64);
                 // Sent as identity: the client is a local hop where compression buys nothing.
                 parts.headers.remove(header::CONTENT_ENCODING);
-                parts.headers.remove(header::ACCEPT_RANGES);
-                parts.headers.remove("content-md5");
-                parts.headers.remove("digest");
-                parts.headers.remove("content-digest");
-                weaken_etag(&mut parts.headers);
+                drop_byte_identity(&mut parts.headers);
                 parts
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
@@ -204,6 +208,15 @@ impl ResponsePolicy {
 /// A JSON response passed through with its links as the upstream wrote them.
 fn not_rewritten(reason: &'static str) {
     metrics::counter!("aleph_proxy_links_not_rewritten_total", "reason" => reason).increment(1);
+}
+
+/// The body is (or may be) not the upstream's bytes: no byte ranges, digests or strong validator.
+fn drop_byte_identity(headers: &mut HeaderMap) {
+    headers.remove(header::ACCEPT_RANGES);
+    headers.remove("content-md5");
+    headers.remove("digest");
+    headers.remove("content-digest");
+    weaken_etag(headers);
 }
 
 /// The body changed, so a strong validator would lie about byte identity.
@@ -225,7 +238,10 @@ fn rewrite_headers(rw: &Rewriter, base: &str, headers: &mut HeaderMap) {
         if let Some(new) = headers
             .get(&name)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| rw.rewrite_url(v, base))
+            .and_then(|v| {
+                rw.rewrite_url(v, base)
+                    .or_else(|| rw.rewrite_root_relative(v, base))
+            })
         {
             if let Ok(v) = HeaderValue::try_from(new) {
                 headers.insert(name, v);
