@@ -289,9 +289,19 @@ impl Overrides {
 /// The `ALEPH_PROXY_` environment variables, `__` separating the levels of a key.
 fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
+        // ALEPH_PROXY_CONFIG names the file (a CLI flag), it is not a key. Kubernetes gives every
+        // container of a namespace with a Service named `aleph-proxy` the variables
+        // ALEPH_PROXY_PORT, ALEPH_PROXY_PORT_8080_TCP_ADDR, ALEPH_PROXY_SERVICE_HOST, ...: they
+        // are not keys either (no key starts with `port` or `service_`).
+        .filter(|k| {
+            let k = k.as_str();
+            !(k.eq_ignore_ascii_case("config")
+                || k.eq_ignore_ascii_case("port")
+                || k.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("port_"))
+                || k.get(..8)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("service_")))
+        })
         .split("__")
-        // ALEPH_PROXY_CONFIG names the file (a CLI flag), it is not a key.
-        .ignore(&["config"])
 }
 
 /// The figment for a config file path (optional), the process environment and CLI overrides.
@@ -1252,6 +1262,29 @@ mod tests {
             let c = load(None, &Overrides::default()).unwrap();
             assert_eq!(c.timeouts.connect, Duration::from_secs(3));
             assert_eq!(c.limits.max_in_flight, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_not_keys() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            for (k, v) in [
+                ("ALEPH_PROXY_PORT", "tcp://10.0.0.1:8080"),
+                ("ALEPH_PROXY_PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+                ("ALEPH_PROXY_PORT_8080_TCP_ADDR", "10.0.0.1"),
+                ("ALEPH_PROXY_SERVICE_HOST", "10.0.0.1"),
+                ("ALEPH_PROXY_SERVICE_PORT", "8080"),
+                ("ALEPH_PROXY_SERVICE_PORT_HTTP", "8080"),
+            ] {
+                jail.set_env(k, v);
+            }
+            load(None, &Overrides::default()).unwrap();
+            // A real typo still is a problem.
+            jail.set_env("ALEPH_PROXY_LISTN", "127.0.0.1:1");
+            let err = load(None, &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("unknown key `listn`"), "{err}");
             Ok(())
         });
     }
