@@ -320,9 +320,16 @@ pub fn figment(path: Option<&Path>, overrides: &Overrides) -> Figment {
 /// Loads and validates the configuration.
 pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
     if let Some(p) = path {
-        if !p.exists() {
+        let problem = if !p.exists() {
+            Some("does not exist")
+        } else if p.is_dir() {
+            Some("is a directory")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
             return Err(ConfigError {
-                problems: vec![format!("config file {} does not exist", p.display())],
+                problems: vec![format!("config file {} {problem}", p.display())],
             });
         }
     }
@@ -336,7 +343,13 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
         problems: Vec::new(),
         warnings: Vec::new(),
     };
-    p.check_unknown_keys();
+    if !p.check_unknown_keys() {
+        // The layers could not be read (a TOML syntax error): every value would look missing,
+        // and "`auth.client_id` is required" would be a false problem.
+        return Err(ConfigError {
+            problems: p.problems,
+        });
+    }
     let mut config = p.parse();
     config.warnings = std::mem::take(&mut p.warnings);
     if p.problems.is_empty() {
@@ -369,14 +382,15 @@ impl Parser<'_> {
         self.problems.push(msg.into());
     }
 
-    fn check_unknown_keys(&mut self) {
+    /// Reports unknown keys; false when the layers themselves cannot be read.
+    fn check_unknown_keys(&mut self) -> bool {
         let dict = match self.fig.extract::<Dict>() {
             Ok(d) => d,
             Err(e) => {
                 for err in e {
                     self.problem(without_source_lines(&err.to_string()));
                 }
-                return;
+                return false;
             }
         };
         let mut unknown = Vec::new();
@@ -384,6 +398,7 @@ impl Parser<'_> {
         for u in unknown {
             self.problem(u);
         }
+        true
     }
 
     /// The value at a dotted key; numeric segments index arrays (`listeners.0.listen`).
@@ -1395,6 +1410,11 @@ mod tests {
             let text = err.to_string();
             assert!(!text.contains("unquoted-s3cret-value"), "{text}");
             assert!(text.contains("line 3"), "{text}");
+            // Only the syntax error: the values the file holds are not "missing".
+            assert_eq!(err.problems.len(), 1, "{text}");
+            jail.create_dir("a-dir")?;
+            let err = load(Some(Path::new("a-dir")), &Overrides::default()).unwrap_err();
+            assert_eq!(err.problems, ["config file a-dir is a directory"]);
             Ok(())
         });
     }
