@@ -843,34 +843,42 @@ impl Parser<'_> {
     }
 
     fn routes(&mut self) -> Vec<ContractRoute> {
-        if self.value("contract.routes").is_none() {
-            return Vec::new();
-        }
-        let routes = match self
-            .fig
-            .extract_inner::<Vec<ContractRoute>>("contract.routes")
-        {
-            Ok(r) => r,
-            Err(e) => {
-                for err in e {
-                    self.problem(format!("`contract.routes`: {err}"));
-                }
+        // Read field by field, so that one bad route does not hide the others' problems (unknown
+        // fields are reported with the other unknown keys).
+        let count = match self.value("contract.routes") {
+            None => return Vec::new(),
+            Some(Value::Array(_, items)) => items.len(),
+            Some(other) => {
+                let src = source_of(self.fig, &other);
+                self.problem(format!(
+                    "`contract.routes` must be an array of tables ([[contract.routes]]){src}"
+                ));
                 return Vec::new();
             }
         };
-        for (i, r) in routes.iter().enumerate() {
-            if !r.prefix.starts_with('/') {
-                self.problem(format!(
-                    "`contract.routes[{i}].prefix` must start with '/', not \"{}\"",
-                    r.prefix
-                ));
+        let mut routes = Vec::new();
+        for i in 0..count {
+            let field = |name: &str| format!("contract.routes.{i}.{name}");
+            let (prefix, id) = (self.string(&field("prefix")), self.string(&field("id")));
+            match &prefix {
+                None => self.problem(format!("`contract.routes[{i}].prefix` is required")),
+                Some(p) if !p.starts_with('/') => self.problem(format!(
+                    "`contract.routes[{i}].prefix` must start with '/', not \"{p}\""
+                )),
+                Some(_) => {}
             }
-            if r.id.trim().is_empty() {
-                self.problem(format!("`contract.routes[{i}].id` must not be empty"));
-            } else if http::HeaderValue::from_str(&r.id).is_err() {
-                self.problem(format!(
+            match &id {
+                None => self.problem(format!("`contract.routes[{i}].id` is required")),
+                Some(id) if id.trim().is_empty() => {
+                    self.problem(format!("`contract.routes[{i}].id` must not be empty"))
+                }
+                Some(id) if http::HeaderValue::from_str(id).is_err() => self.problem(format!(
                     "`contract.routes[{i}].id` contains characters not allowed in a header"
-                ));
+                )),
+                Some(_) => {}
+            }
+            if let (Some(prefix), Some(id)) = (prefix, id) {
+                routes.push(ContractRoute { prefix, id });
             }
         }
         routes
@@ -1277,6 +1285,39 @@ mod tests {
             let c = load(None, &Overrides::default()).unwrap();
             assert_eq!(c.timeouts.connect, Duration::from_secs(3));
             assert_eq!(c.limits.max_in_flight, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_route_is_checked_whatever_another_one_holds() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.create_file(
+                "r.toml",
+                r#"
+                [[contract.routes]]
+                prefix = "/a"
+                id = "c"
+                extra = 1
+                [[contract.routes]]
+                prefix = "archive"
+                id = ""
+                [[contract.routes]]
+                id = "c"
+                "#,
+            )?;
+            let err = load(Some(Path::new("r.toml")), &Overrides::default()).unwrap_err();
+            let text = err.to_string();
+            for needle in [
+                "unknown key `contract.routes[..].extra`",
+                "`contract.routes[1].prefix` must start with '/'",
+                "`contract.routes[1].id` must not be empty",
+                "`contract.routes[2].prefix` is required",
+            ] {
+                assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+            }
+            assert_eq!(err.problems.len(), 4, "{text}");
             Ok(())
         });
     }
