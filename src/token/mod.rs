@@ -29,6 +29,13 @@ use crate::secret::Secret;
 /// Two forced refreshes (after upstream 401s) are at least this far apart.
 const MIN_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest token lifetime the proxy believes: 30 days (Auth0's own maximum). A longer
+/// `expires_in` (or cached expiry) is taken as 30 days, so the token is still refreshed.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
+
+/// The most of a token endpoint answer the proxy reads; a larger body is a `malformed` fetch.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
 /// One token snapshot. Swapped as a whole: value and times never disagree.
 pub struct Token {
     /// The complete `authorizationToken` header value, marked sensitive.
@@ -60,7 +67,8 @@ impl Token {
         now < self.usable_until
     }
 
-    /// Builds a token snapshot from an access token and its remaining lifetime.
+    /// Builds a token snapshot from an access token and its remaining lifetime (taken as at most
+    /// [`MAX_LIFETIME`]).
     pub fn new(
         access_token: &str,
         lifetime: Duration,
@@ -71,15 +79,22 @@ impl Token {
             FetchError::Malformed("access_token has bytes not allowed in a header".into())
         })?;
         header.set_sensitive(true);
+        let lifetime = lifetime.min(MAX_LIFETIME);
         let now = Instant::now();
+        let after = |d: Duration| {
+            now.checked_add(d)
+                .ok_or_else(|| FetchError::Malformed("expires_in is out of range".into()))
+        };
         Ok(Token {
             header,
             generation,
             issued_at: now,
-            usable_until: now + lifetime - schedule::expiry_margin(lifetime),
-            refresh_at: now + schedule::refresh_after(lifetime, jitter),
-            expires_at: now + lifetime,
-            expires_at_wall: SystemTime::now() + lifetime,
+            usable_until: after(lifetime - schedule::expiry_margin(lifetime))?,
+            refresh_at: after(schedule::refresh_after(lifetime, jitter))?,
+            expires_at: after(lifetime)?,
+            expires_at_wall: SystemTime::now()
+                .checked_add(lifetime)
+                .ok_or_else(|| FetchError::Malformed("expires_in is out of range".into()))?,
             access_token: Secret::new(access_token),
         })
     }
@@ -410,18 +425,37 @@ impl TokenManager {
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(crate::proxy::retry_after_delay);
-            let bytes = resp.bytes().await.map_err(|e| {
-                if e.is_timeout() {
-                    FetchError::Timeout
+            // Read chunk by chunk, at most MAX_TOKEN_BODY: an endless or huge body costs no memory.
+            let mut resp = resp;
+            let mut bytes = Vec::new();
+            let mut too_large = resp
+                .content_length()
+                .is_some_and(|n| n > MAX_TOKEN_BODY as u64);
+            while !too_large {
+                let chunk = resp.chunk().await.map_err(|e| {
+                    if e.is_timeout() {
+                        FetchError::Timeout
+                    } else {
+                        FetchError::Unreachable(describe_reqwest(&e))
+                    }
+                })?;
+                let Some(chunk) = chunk else { break };
+                if bytes.len() + chunk.len() > MAX_TOKEN_BODY {
+                    too_large = true;
                 } else {
-                    FetchError::Unreachable(describe_reqwest(&e))
+                    bytes.extend_from_slice(&chunk);
                 }
-            })?;
+            }
+            drop(resp);
             if status == http::StatusCode::TOO_MANY_REQUESTS {
                 return Err(FetchError::RateLimited { retry_after });
             }
             if !status.is_success() {
-                let err: TokenErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+                let err: TokenErrorBody = if too_large {
+                    TokenErrorBody::default()
+                } else {
+                    serde_json::from_slice(&bytes).unwrap_or_default()
+                };
                 let code = err.error.unwrap_or_default();
                 let credential_problem = matches!(status.as_u16(), 401 | 403)
                     || matches!(
@@ -435,11 +469,17 @@ impl TokenManager {
                     let what = if code.is_empty() {
                         status.as_u16().to_string()
                     } else {
-                        format!("{} {}", status.as_u16(), sanitize(&code))
+                        format!("{} {}", status.as_u16(), self.error_code(&code))
                     };
                     return Err(FetchError::Credentials(what));
                 }
                 return Err(FetchError::Status(status.as_u16()));
+            }
+            if too_large {
+                return Err(FetchError::Malformed(format!(
+                    "larger than {} KiB",
+                    MAX_TOKEN_BODY / 1024
+                )));
             }
             // Never log this body: it is the token.
             let parsed: TokenResponse = serde_json::from_slice(&bytes)
@@ -450,10 +490,8 @@ impl TokenManager {
                 .ok_or_else(|| FetchError::Malformed("no access_token".into()))?;
             if let Some(tt) = &parsed.token_type {
                 if !tt.eq_ignore_ascii_case("bearer") {
-                    return Err(FetchError::Malformed(format!(
-                        "token_type {} is not Bearer",
-                        sanitize(tt)
-                    )));
+                    // Remote text: not quoted.
+                    return Err(FetchError::Malformed("token_type is not Bearer".into()));
                 }
             }
             let lifetime = match parsed.expires_in {
@@ -464,6 +502,15 @@ impl TokenManager {
             }
             .filter(|s| s.is_finite() && *s >= 1.0)
             .ok_or_else(|| FetchError::Malformed("expires_in is not a positive number".into()))?;
+            let max = MAX_LIFETIME.as_secs_f64();
+            if lifetime > max {
+                tracing::warn!(
+                    expires_in_s = lifetime,
+                    max_s = max,
+                    "the token endpoint's expires_in is beyond 30 days; the token is refreshed as if it lived 30 days"
+                );
+            }
+            let lifetime = lifetime.min(max);
             let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
             Token::new(
                 access_token.trim(),
@@ -624,10 +671,149 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
     s
 }
 
+impl TokenManager {
+    /// An RFC 6749 §5.2 `error` code as the logs, `/readyz` and the commands show it: only a code
+    /// of 1 to 40 lowercase letters and underscores, and never one that holds (or is part of) the
+    /// client secret or client id, which an endpoint echoing its request could put there.
+    fn error_code<'a>(&self, code: &'a str) -> &'a str {
+        let shaped = (1..=40).contains(&code.len())
+            && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        let secret = self.cfg.client_secret.expose();
+        let id = self.cfg.client_id.as_str();
+        let overlaps = |s: &str| !s.is_empty() && (code.contains(s) || s.contains(code));
+        if shaped && !overlaps(secret) && !overlaps(id) {
+            code
+        } else {
+            "unrecognised error"
+        }
+    }
+}
+
 /// Keeps only printable ASCII of a remote-supplied string, truncated.
 fn sanitize(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .take(120)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{Mock, MockOptions, TokenMode, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET};
+
+    fn auth(mock: &Mock, client_id: &str, secret: &str) -> AuthConfig {
+        AuthConfig {
+            mode: AuthMode::OAuth,
+            token_url: mock.token_url.parse().unwrap(),
+            audience: "https://api.satellogic.com/".into(),
+            client_id: client_id.into(),
+            client_secret: Secret::new(secret),
+            token_cache: None,
+            wait_timeout: Duration::from_secs(1),
+            retry_initial_backoff: Duration::from_secs(1),
+            retry_max_backoff: Duration::from_secs(1),
+        }
+    }
+
+    /// One fetch from a token endpoint that answers `status` with `body`.
+    async fn fetch_answer(
+        status: u16,
+        body: String,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<Token, FetchError> {
+        let mock = Mock::start(MockOptions::default()).await.unwrap();
+        mock.state
+            .set_token_mode(TokenMode::Custom { status, body });
+        let tls = crate::upstream::tls_config(None).unwrap();
+        let m = TokenManager::new(&auth(&mock, client_id, secret), tls, Duration::from_secs(5))
+            .unwrap();
+        m.fetch().await
+    }
+
+    const THIRTY_DAYS: Duration = Duration::from_secs(30 * 86400);
+
+    #[test]
+    fn a_lifetime_of_any_size_is_taken_as_at_most_thirty_days() {
+        for lifetime in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            2 * THIRTY_DAYS,
+        ] {
+            let t = Token::new("t", lifetime, 1, 0.5).unwrap();
+            assert_eq!(t.expires_at - t.issued_at, THIRTY_DAYS);
+            assert!(t.refresh_at < t.usable_until);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_huge_expires_in_is_clamped_and_the_token_still_refreshed() {
+        for expires_in in ["1e17", "1e19", "1e20", "1.7976931348623157e308", "\"1e30\""] {
+            let body = format!(
+                r#"{{"access_token":"t","expires_in":{expires_in},"token_type":"Bearer"}}"#
+            );
+            let t = fetch_answer(200, body, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET)
+                .await
+                .unwrap_or_else(|e| panic!("{expires_in}: {e}"));
+            assert_eq!(t.expires_at - t.issued_at, THIRTY_DAYS, "{expires_in}");
+            assert!(
+                t.refresh_at - t.issued_at <= THIRTY_DAYS / 2,
+                "{expires_in}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_error_text_is_shown_only_as_an_error_code() {
+        let secret = "lowercasesecretvalue";
+        let id = "lowercaseclient";
+        for (status, error, shown) in [
+            (401, "invalid_client".to_string(), "401 invalid_client"),
+            (400, "access_denied".to_string(), "400 access_denied"),
+            (
+                401,
+                format!("invalid_client for secret {secret}"),
+                "401 unrecognised error",
+            ),
+            (403, secret.to_string(), "403 unrecognised error"),
+            (403, format!("x_{secret}_x"), "403 unrecognised error"),
+            (403, "lowercasesecret".to_string(), "403 unrecognised error"),
+            (401, id.to_string(), "401 unrecognised error"),
+            (401, "Invalid-Client".to_string(), "401 unrecognised error"),
+            (401, "a".repeat(41), "401 unrecognised error"),
+        ] {
+            let body = serde_json::json!({ "error": error }).to_string();
+            let err = fetch_answer(status, body, id, secret).await.err().unwrap();
+            let text = err.to_string();
+            assert!(text.contains(&format!("({shown})")), "{error}: {text}");
+            assert!(!text.contains("lowercase"), "{error}: {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_over_64_kib_is_malformed() {
+        let token = r#"{"access_token":"t","expires_in":3600,"token_type":"Bearer"}"#;
+        // Within the limit: a token, however padded.
+        let padded = format!("{token}{}", " ".repeat(60 * 1024));
+        assert!(
+            fetch_answer(200, padded, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET)
+                .await
+                .is_ok()
+        );
+        let huge = format!("{token}{}", " ".repeat(65 * 1024));
+        let err = fetch_answer(200, huge, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.outcome(), "malformed", "{err}");
+        assert!(err.to_string().contains("larger than 64 KiB"), "{err}");
+        // An error answer that large is still its status.
+        let huge_error = format!(r#"{{"error":"server_error"}}{}"#, " ".repeat(65 * 1024));
+        let err = fetch_answer(500, huge_error, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.outcome(), "error_status", "{err}");
+    }
 }
