@@ -3,13 +3,17 @@
 //!
 //! Invariants:
 //! - Only the refresher task talks to the token endpoint, so fetches are single flight by
-//!   construction: cold-start requests, 401 invalidations and readiness all just wake it and wait.
+//!   construction: cold-start requests, upstream 401s and readiness all just wake it and wait.
+//! - An upstream 401 never takes the current token away from other requests: it marks the token
+//!   due for refresh (as `rotate_now` does), and only the 401-hit requests wait for the new one.
+//!   Whether a 401 may force a fetch at all is decided by [`forced`].
 //! - A token past `usable_until` is never handed out; requests wait (bounded) and then get the
 //!   proxy's 503.
 //! - Failed fetches back off exponentially with jitter; waking the task does not shorten a backoff,
 //!   so a failing endpoint is never stampeded.
 
 pub mod cache;
+pub mod forced;
 pub mod schedule;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +39,27 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
 
 /// The most of a token endpoint answer the proxy reads; a larger body is a `malformed` fetch.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+/// Why an upstream 401 was passed through to the client (the `reason` label of
+/// `aleph_proxy_unauthorized_passed_through_total`).
+pub mod pass_reason {
+    /// The body names the contract: a new token cannot fix it.
+    pub const CONTRACT: &str = "contract";
+    /// A newer token was refused too, or the path's 401s are known not to be the token's doing.
+    pub const NOT_TOKEN: &str = "not_token";
+    /// No new token could be had in time (the token endpoint fails or is slow).
+    pub const NO_NEW_TOKEN: &str = "no_new_token";
+    /// The request body was streamed and cannot be sent again.
+    pub const NOT_REPLAYABLE: &str = "not_replayable";
+}
+
+/// What to do with an upstream 401 that did not name the contract.
+pub enum Unauthorized {
+    /// Send the request again with this newer token.
+    Replay(Arc<Token>),
+    /// Give the client the upstream's 401; the reason is one of [`pass_reason`].
+    PassThrough(&'static str),
+}
 
 /// One token snapshot. Swapped as a whole: value and times never disagree.
 pub struct Token {
@@ -97,6 +122,20 @@ impl Token {
                 .ok_or_else(|| FetchError::Malformed("expires_in is out of range".into()))?,
             access_token: Secret::new(access_token),
         })
+    }
+
+    /// The same token, due for refresh at `now` (it stays usable until replaced).
+    fn due(&self, now: Instant) -> Token {
+        Token {
+            header: self.header.clone(),
+            generation: self.generation,
+            issued_at: self.issued_at,
+            usable_until: self.usable_until,
+            refresh_at: now,
+            expires_at: self.expires_at,
+            expires_at_wall: self.expires_at_wall,
+            access_token: self.access_token.clone(),
+        }
     }
 
     fn legacy(client_id: &str, secret: &Secret) -> Result<Token, FetchError> {
@@ -182,9 +221,15 @@ pub struct TokenManager {
     wake: Notify,
     generation: AtomicU64,
     updates: watch::Sender<u64>,
+    /// Counts the refresher's failed fetches: requests waiting for a forced refresh stop waiting.
+    failures: watch::Sender<u64>,
     cfg: AuthConfig,
     /// Fetch outcomes for `aleph-proxy check` and the logs. std Mutex: never held across .await.
     last_error: Mutex<Option<FetchError>>,
+    /// When the refresher tries again after a failure (None while it is not backing off).
+    retry_at: Mutex<Option<Instant>>,
+    /// Which upstream 401s may force a refresh. Touched on 401s only, never on the success path.
+    forced: Mutex<forced::Forced>,
     fetches: AtomicU64,
 }
 
@@ -227,8 +272,11 @@ impl TokenManager {
             wake: Notify::new(),
             generation: AtomicU64::new(0),
             updates,
+            failures: watch::channel(0).0,
             cfg: cfg.clone(),
             last_error: Mutex::new(None),
+            retry_at: Mutex::new(None),
+            forced: Mutex::new(forced::Forced::default()),
             fetches: AtomicU64::new(0),
         };
         if let Source::Legacy(t) = &mgr.source {
@@ -317,34 +365,127 @@ impl TokenManager {
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
-                _ => {
-                    return Err(ProxyError::NoToken {
-                        retry_after: self.cfg.retry_initial_backoff.max(Duration::from_secs(1)),
-                    })
+                _ => return Err(self.no_token()),
+            }
+        }
+    }
+
+    /// The proxy's 503 for a missing token. Its Retry-After is the time until the refresher's
+    /// next attempt when it is backing off (at least 1 s, at most `auth.retry_max_backoff`),
+    /// else `auth.retry_initial_backoff` (at least 1 s).
+    pub fn no_token(&self) -> ProxyError {
+        let one = Duration::from_secs(1);
+        let next = *self.retry_at.lock().expect("not poisoned");
+        let retry_after = match next {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                // Whole seconds, rounded up: a client that waits that long finds the attempt made.
+                let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                Duration::from_secs(secs).clamp(one, self.cfg.retry_max_backoff.max(one))
+            }
+            None => self.cfg.retry_initial_backoff.max(one),
+        };
+        ProxyError::NoToken { retry_after }
+    }
+
+    /// The upstream answered 401 to `token` on `path`, and the body does not name the contract.
+    ///
+    /// The current token is never taken away: if a new token may help (see [`forced`]), it is
+    /// marked due for refresh, so other requests keep using it while the refresher fetches a new
+    /// one (one fetch for every 401 with the same token). The caller waits for a token newer than
+    /// the refused one, up to `auth.wait_timeout`, and not at all while the token endpoint fails:
+    /// then the 401 is passed through at once. Callers that cannot replay wait all the same, so
+    /// that the client's next attempt finds the new token.
+    pub async fn unauthorized(&self, token: &Token, path: &str) -> Unauthorized {
+        if self.is_legacy() {
+            // A legacy key is never refreshed: nothing to wait for.
+            return Unauthorized::PassThrough(pass_reason::NOT_TOKEN);
+        }
+        // Subscribed before deciding, so no publish or failure in between goes unseen.
+        let mut updates = self.updates.subscribe();
+        let mut failures = self.failures.subscribe();
+        let now = Instant::now();
+        let decision = self.forced.lock().expect("not poisoned").on_401(
+            token.generation,
+            self.generation(),
+            path,
+            now,
+        );
+        match decision {
+            forced::Decision::PassThrough => {
+                return Unauthorized::PassThrough(pass_reason::NOT_TOKEN)
+            }
+            forced::Decision::Refresh => {
+                let generation = token.generation;
+                self.current.rcu(|cur| match cur {
+                    Some(t) if t.generation == generation && t.refresh_at > now => {
+                        Some(Arc::new(t.due(now)))
+                    }
+                    other => other.clone(),
+                });
+                tracing::warn!(
+                    generation,
+                    "upstream rejected the access token (401); fetching a new one, the current one stays in use meanwhile"
+                );
+                metrics::counter!("aleph_proxy_token_invalidations_total").increment(1);
+                self.wake.notify_one();
+            }
+            forced::Decision::Join | forced::Decision::Newer => self.wake.notify_one(),
+        }
+        // A refresher that is backing off after a failure does not try sooner for being woken:
+        // the 401 goes back now rather than after the wait.
+        if decision != forced::Decision::Newer && self.last_error().is_some() {
+            return Unauthorized::PassThrough(pass_reason::NO_NEW_TOKEN);
+        }
+        let deadline = now + self.cfg.wait_timeout;
+        loop {
+            if let Some(t) = self.current_usable() {
+                if t.generation > token.generation {
+                    return Unauthorized::Replay(t);
+                }
+            }
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() {
+                    return Unauthorized::PassThrough(pass_reason::NO_NEW_TOKEN);
+                },
+                _ = failures.changed() => return Unauthorized::PassThrough(pass_reason::NO_NEW_TOKEN),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Unauthorized::PassThrough(pass_reason::NO_NEW_TOKEN)
                 }
             }
         }
     }
 
-    /// The upstream rejected `token` (401): drop it unless a newer one already replaced it, and
-    /// wake the refresher. Concurrent callers with the same token cause one fetch.
-    pub fn invalidate(&self, token: &Token) {
-        if self.is_legacy() {
+    /// The request replayed on `path` with `replayed` (newer than the `refused` token) was
+    /// answered 401 (`unauthorized`) or otherwise: a refused replay means the 401 is not the
+    /// token's doing and opens a hold-off window; an accepted one closes it.
+    pub fn replay_answered(
+        &self,
+        refused: &Token,
+        replayed: &Token,
+        path: &str,
+        unauthorized: bool,
+    ) {
+        if replayed.generation <= refused.generation {
             return;
         }
-        let generation = token.generation;
-        let prev = self.current.rcu(|cur| match cur {
-            Some(t) if t.generation == generation => None,
-            other => other.clone(),
-        });
-        if prev.as_ref().is_some_and(|t| t.generation == generation) {
-            tracing::warn!(
-                generation,
-                "upstream rejected the access token (401); fetching a new one"
-            );
-            metrics::counter!("aleph_proxy_token_invalidations_total").increment(1);
+        let outcome = self.forced.lock().expect("not poisoned").replayed(
+            replayed.generation,
+            path,
+            unauthorized,
+            Instant::now(),
+        );
+        match outcome {
+            forced::Replayed::HoldOff(window) => tracing::warn!(
+                path,
+                holdoff_s = window.as_secs(),
+                "the upstream refused a new access token on this path as well: the 401 is not the token's doing; it is passed through, and 401s like it fetch no token for a while"
+            ),
+            forced::Replayed::Reset => tracing::info!(
+                "a new access token fixed an upstream 401; 401s fetch new tokens as usual again"
+            ),
+            forced::Replayed::Nothing => {}
         }
-        self.wake.notify_one();
     }
 
     /// Makes a token fetched outside the refresher current (the `check` and `contracts` commands).
@@ -361,19 +502,10 @@ impl TokenManager {
     /// Forces the next refresh now (tests, `SIGHUP`-style rotations): the refresher fetches a new
     /// token while the current one stays in use until replaced.
     pub fn rotate_now(&self) {
-        if let Some(t) = self.current.load_full() {
-            let rotated = Token {
-                header: t.header.clone(),
-                generation: t.generation,
-                issued_at: t.issued_at,
-                usable_until: t.usable_until,
-                refresh_at: Instant::now(),
-                expires_at: t.expires_at,
-                expires_at_wall: t.expires_at_wall,
-                access_token: t.access_token.clone(),
-            };
-            self.current.store(Some(Arc::new(rotated)));
-        }
+        let now = Instant::now();
+        // rcu: a token the refresher publishes meanwhile is kept, not replaced by the old one.
+        self.current
+            .rcu(|cur| cur.as_ref().map(|t| Arc::new(t.due(now))));
         self.wake.notify_one();
     }
 
@@ -582,6 +714,7 @@ impl TokenManager {
                     failures = 0;
                     credentials_reported = false;
                     *self.last_error.lock().expect("not poisoned") = None;
+                    *self.retry_at.lock().expect("not poisoned") = None;
                     if let Some(path) = &self.cfg.token_cache {
                         cache::store(path, &self.cfg, &token);
                     }
@@ -633,6 +766,9 @@ impl TokenManager {
                     }
                     failures = failures.saturating_add(1);
                     *self.last_error.lock().expect("not poisoned") = Some(err);
+                    *self.retry_at.lock().expect("not poisoned") =
+                        Instant::now().checked_add(delay);
+                    self.failures.send_modify(|n| *n += 1);
                     self.record_expiry_gauge();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
