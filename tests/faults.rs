@@ -177,17 +177,24 @@ async fn malformed_200_from_the_token_endpoint_is_a_failure_not_a_token() {
     assert_recovers(&h).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_endpoint_429_is_retried_after_its_retry_after() {
+/// A proxy whose token endpoint answers 429 with `Retry-After: retry_after`; requests wait
+/// 300 ms for a token.
+async fn rate_limited(retry_after: &str, max_backoff: &str) -> Harness {
     init();
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     mock.state.set_token_mode(TokenMode::RateLimited);
-    // Backoff alone would retry after 50 ms; the endpoint asks for 1 s (Retry-After: 1).
-    let h = Harness::start_proxy(
+    *mock.state.token_retry_after.lock().unwrap() = retry_after.into();
+    Harness::start_proxy(
         mock,
-        "[auth]\nretry_max_backoff = \"5s\"\nwait_timeout = \"300ms\"",
+        &format!("[auth]\nretry_max_backoff = \"{max_backoff}\"\nwait_timeout = \"300ms\""),
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_429_is_retried_after_its_retry_after() {
+    // Backoff alone would retry after 50 ms; the endpoint asks for 1 s (Retry-After: 1).
+    let h = rate_limited("1", "5s").await;
     let fetches = || h.mock.state.token_fetches.load(Ordering::SeqCst);
     eventually(Duration::from_secs(5), || async { fetches() >= 1 }).await;
     let first = Instant::now();
@@ -339,6 +346,20 @@ fn sample(exposition: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// A ready proxy (with `extra` config) whose upstream answers `DENIED` with 401.
+async fn with_denied_path(extra: &str) -> Harness {
+    init();
+    let h = Harness::start(extra).await;
+    h.ready().await;
+    h.mock
+        .state
+        .unauthorized_paths
+        .lock()
+        .unwrap()
+        .push(DENIED.into());
+    h
+}
+
 /// GETs `DENIED` and asserts that the upstream's 401 came back (not a proxy error).
 async fn assert_denied_passes_through(h: &Harness) {
     let r = get(&client(), h.url(DENIED)).await;
@@ -353,15 +374,7 @@ async fn assert_denied_passes_through(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_that_keeps_answering_401_costs_one_token_not_one_per_request() {
-    init();
-    let h = Harness::start("").await;
-    h.ready().await;
-    h.mock
-        .state
-        .unauthorized_paths
-        .lock()
-        .unwrap()
-        .push(DENIED.into());
+    let h = with_denied_path("").await;
     let passed_before = sample(&h.metrics().await, NOT_TOKEN);
     let c = client();
     for round in 0..12 {
@@ -391,15 +404,7 @@ async fn a_path_that_keeps_answering_401_costs_one_token_not_one_per_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_is_still_repaired_while_a_denied_path_keeps_answering_401() {
-    init();
-    let h = Harness::start("").await;
-    h.ready().await;
-    h.mock
-        .state
-        .unauthorized_paths
-        .lock()
-        .unwrap()
-        .push(DENIED.into());
+    let h = with_denied_path("").await;
     assert_denied_passes_through(&h).await;
     assert_eq!(h.token_fetches(), 2);
     // Now the token really is revoked: a 401 on another path still gets one new token.
@@ -414,15 +419,7 @@ async fn a_revocation_is_still_repaired_while_a_denied_path_keeps_answering_401(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_token_outage_a_401_neither_drops_the_token_nor_fails_other_requests() {
-    init();
-    let h = Harness::start(SHORT_WAIT).await;
-    h.ready().await;
-    h.mock
-        .state
-        .unauthorized_paths
-        .lock()
-        .unwrap()
-        .push(DENIED.into());
+    let h = with_denied_path(SHORT_WAIT).await;
     h.mock.state.set_token_mode(TokenMode::Down);
     let c = client();
     for round in 0..3 {
@@ -488,15 +485,7 @@ async fn contract_discovery_with_a_revoked_cached_token_fetches_a_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_retry_after_is_the_time_until_the_refreshers_next_attempt() {
-    init();
-    let mock = Mock::start(MockOptions::default()).await.unwrap();
-    mock.state.set_token_mode(TokenMode::RateLimited);
-    *mock.state.token_retry_after.lock().unwrap() = "40".into();
-    let h = Harness::start_proxy(
-        mock,
-        "[auth]\nwait_timeout = \"300ms\"\nretry_max_backoff = \"60s\"",
-    )
-    .await;
+    let h = rate_limited("40", "60s").await;
     // The first fetch was refused with Retry-After: 40; the refresher waits that long.
     eventually(Duration::from_secs(10), || async {
         readyz(&h).await.1["tokens"][0]["last_error"]
