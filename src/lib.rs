@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use config::Config;
 use proxy::contract::{self, ContractInfo, Discovery};
 use proxy::{Listener, Shared};
-use token::TokenManager;
+use token::{Token, TokenManager, Unauthorized};
 
 /// Listeners bound before [`run`], so callers (tests, `demo`) can bind port 0 and learn the port.
 pub struct Bound {
@@ -129,6 +129,24 @@ pub async fn list_contracts(
             Some(e) => e.to_string(),
             None => "no access token".to_string(),
         })?;
+    contracts_with(shared, &token).await.map_err(|e| match e {
+        ContractsError::Unauthorized => "GET /contracts answered 401".to_string(),
+        ContractsError::Other(e) => e,
+    })
+}
+
+/// Why `GET /contracts` failed.
+enum ContractsError {
+    /// The upstream refused the token.
+    Unauthorized,
+    Other(String),
+}
+
+/// `GET /contracts` with `token`.
+async fn contracts_with(
+    shared: &Shared,
+    token: &Token,
+) -> Result<Vec<ContractInfo>, ContractsError> {
     let target = shared.upstream_path("/contracts");
     let mut headers = http::HeaderMap::new();
     headers.insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
@@ -142,20 +160,27 @@ pub async fn list_contracts(
         &headers,
         body::PassBody::Buffered(Bytes::new()),
     );
+    let other = |s: &str| ContractsError::Other(s.to_string());
     let resp = tokio::time::timeout(shared.timeouts.response_headers, get)
         .await
-        .map_err(|_| "GET /contracts timed out".to_string())?
-        .map_err(|_| "GET /contracts: cannot reach the upstream".to_string())?;
+        .map_err(|_| other("GET /contracts timed out"))?
+        .map_err(|_| other("GET /contracts: cannot reach the upstream"))?;
     let status = resp.status();
     let body = http_body_util::Limited::new(resp.into_body(), 4 * 1024 * 1024)
         .collect()
         .await
-        .map_err(|_| "GET /contracts: body failed".to_string())?
+        .map_err(|_| other("GET /contracts: body failed"))?
         .to_bytes();
-    if !status.is_success() {
-        return Err(format!("GET /contracts answered {}", status.as_u16()));
+    if status == http::StatusCode::UNAUTHORIZED {
+        return Err(ContractsError::Unauthorized);
     }
-    contract::parse_contracts(&body)
+    if !status.is_success() {
+        return Err(ContractsError::Other(format!(
+            "GET /contracts answered {}",
+            status.as_u16()
+        )));
+    }
+    contract::parse_contracts(&body).map_err(ContractsError::Other)
 }
 
 /// Runs the proxy on already bound listeners until `shutdown` resolves, then drains.
@@ -315,15 +340,46 @@ pub async fn run_with(
 }
 
 async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sender<Discovery>) {
+    const PATH: &str = "/contracts";
     let mut attempt = 0;
+    // The token a 401 refused, while the request is sent again with a newer one.
+    let mut refused: Option<Arc<Token>> = None;
     loop {
         // A token outage is the refresher's to handle: wait for its token instead of failing and
         // backing off, so discovery finishes as soon as the token endpoint recovers (a backoff of
         // up to a minute here would keep answering 422 after the outage is over).
-        while tokens.current_usable().is_none() {
+        let token = loop {
+            if let Some(t) = tokens.current_usable() {
+                break t;
+            }
             let _ = tokens.wait_for_token(Duration::from_secs(3600)).await;
-        }
-        match list_contracts(&shared, &tokens).await {
+        };
+        let result = contracts_with(&shared, &token).await;
+        // A 401 with a token the proxy believed valid (a revoked, e.g. cached, token) follows
+        // the rules of any upstream 401: one new token, then the request once more.
+        let result = match (result, refused.take()) {
+            (Err(ContractsError::Unauthorized), Some(before)) => {
+                tokens.replay_answered(&before, &token, PATH, true);
+                Err("GET /contracts answered 401, with a new access token too".to_string())
+            }
+            (Err(ContractsError::Unauthorized), None) => {
+                match tokens.unauthorized(&token, PATH).await {
+                    Unauthorized::Replay(_) => {
+                        refused = Some(token);
+                        continue;
+                    }
+                    Unauthorized::PassThrough(_) => Err("GET /contracts answered 401".to_string()),
+                }
+            }
+            (Err(ContractsError::Other(e)), _) => Err(e),
+            (Ok(list), before) => {
+                if let Some(before) = before {
+                    tokens.replay_answered(&before, &token, PATH, false);
+                }
+                Ok(list)
+            }
+        };
+        match result {
             Ok(list) => {
                 let outcome = contract::discovery_outcome(&list);
                 match &outcome {

@@ -177,17 +177,24 @@ async fn malformed_200_from_the_token_endpoint_is_a_failure_not_a_token() {
     assert_recovers(&h).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_endpoint_429_is_retried_after_its_retry_after() {
+/// A proxy whose token endpoint answers 429 with `Retry-After: retry_after`; requests wait
+/// 300 ms for a token.
+async fn rate_limited(retry_after: &str, max_backoff: &str) -> Harness {
     init();
     let mock = Mock::start(MockOptions::default()).await.unwrap();
     mock.state.set_token_mode(TokenMode::RateLimited);
-    // Backoff alone would retry after 50 ms; the endpoint asks for 1 s (Retry-After: 1).
-    let h = Harness::start_proxy(
+    *mock.state.token_retry_after.lock().unwrap() = retry_after.into();
+    Harness::start_proxy(
         mock,
-        "[auth]\nretry_max_backoff = \"5s\"\nwait_timeout = \"300ms\"",
+        &format!("[auth]\nretry_max_backoff = \"{max_backoff}\"\nwait_timeout = \"300ms\""),
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_429_is_retried_after_its_retry_after() {
+    // Backoff alone would retry after 50 ms; the endpoint asks for 1 s (Retry-After: 1).
+    let h = rate_limited("1", "5s").await;
     let fetches = || h.mock.state.token_fetches.load(Ordering::SeqCst);
     eventually(Duration::from_secs(5), || async { fetches() >= 1 }).await;
     let first = Instant::now();
@@ -323,6 +330,197 @@ async fn a_401_naming_the_contract_is_passed_through_without_a_new_token() {
         );
     }
     assert_eq!(h.token_fetches(), 1, "a new token cannot fix a contract");
+}
+
+/// A path the credential may not use: the upstream answers it 401 with a body that does not name
+/// the contract, whatever the token.
+const DENIED: &str = "/tasking/denied/";
+
+const NOT_TOKEN: &str = "aleph_proxy_unauthorized_passed_through_total{reason=\"not_token\"}";
+
+/// The value of one series in a Prometheus exposition (0 when it is absent).
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// A ready proxy (with `extra` config) whose upstream answers `DENIED` with 401.
+async fn with_denied_path(extra: &str) -> Harness {
+    init();
+    let h = Harness::start(extra).await;
+    h.ready().await;
+    h.mock
+        .state
+        .unauthorized_paths
+        .lock()
+        .unwrap()
+        .push(DENIED.into());
+    h
+}
+
+/// GETs `DENIED` and asserts that the upstream's 401 came back (not a proxy error).
+async fn assert_denied_passes_through(h: &Harness) {
+    let r = get(&client(), h.url(DENIED)).await;
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers().get("x-aleph-proxy-error").is_none(),
+        "the upstream's 401, not the proxy's error"
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["message"], "Unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_keeps_answering_401_costs_one_token_not_one_per_request() {
+    let h = with_denied_path("").await;
+    let passed_before = sample(&h.metrics().await, NOT_TOKEN);
+    let c = client();
+    for round in 0..12 {
+        assert_denied_passes_through(&h).await;
+        // Other requests go on with the same token, and the proxy stays ready.
+        let r = get(&c, h.url(PRODUCTS)).await;
+        assert_eq!(r.status(), 200, "round {round}");
+        let (status, body) = readyz(&h).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+    // The first 401 was worth one new token; the replay with it was refused too, so the 401 is
+    // not the token's doing and later ones cost nothing.
+    assert_eq!(h.token_fetches(), 2);
+    assert_eq!(
+        upstream_hits(&h, "GET", DENIED),
+        13,
+        "one replay, then none"
+    );
+    // Other tests in this process add to the counters too: at least these 12.
+    let passed = sample(&h.metrics().await, NOT_TOKEN);
+    assert!(
+        passed - passed_before >= 12.0,
+        "{passed_before} -> {passed}"
+    );
+    assert_every_upstream_request_had_a_token(&h);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_still_repaired_while_a_denied_path_keeps_answering_401() {
+    let h = with_denied_path("").await;
+    assert_denied_passes_through(&h).await;
+    assert_eq!(h.token_fetches(), 2);
+    // Now the token really is revoked: a 401 on another path still gets one new token.
+    h.mock.state.revoke_all_tokens();
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.token_fetches(), 3);
+    assert_denied_passes_through(&h).await;
+    assert_denied_passes_through(&h).await;
+    assert_eq!(h.token_fetches(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_token_outage_a_401_neither_drops_the_token_nor_fails_other_requests() {
+    let h = with_denied_path(SHORT_WAIT).await;
+    h.mock.state.set_token_mode(TokenMode::Down);
+    let c = client();
+    for round in 0..3 {
+        // No new token can be had: the client gets the upstream's 401 as it came.
+        assert_denied_passes_through(&h).await;
+        let r = get(&c, h.url(PRODUCTS)).await;
+        assert_eq!(r.status(), 200, "round {round}: {:?}", r.text().await);
+        let (status, body) = readyz(&h).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        assert_eq!(body["tokens"][0]["usable"], true);
+    }
+    let m = h.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "aleph_proxy_unauthorized_passed_through_total{reason=\"no_new_token\"}"
+        ) >= 3.0,
+        "{m}"
+    );
+    h.mock.state.set_token_mode(TokenMode::Ok);
+    assert_recovers(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_discovery_with_a_revoked_cached_token_fetches_a_new_one() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("token.json");
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 80_000;
+    let cached = serde_json::json!({
+        "version": 1,
+        "token_url": mock.token_url,
+        "audience": "https://api.satellogic.com/",
+        "client_id": MOCK_CLIENT_ID,
+        "access_token": "revoked-cached-token",
+        "expires_at_unix": expires,
+    });
+    std::fs::write(&cache, cached.to_string()).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // No contract.default: the proxy asks GET /contracts with the cached token, which the
+    // upstream no longer accepts.
+    let h = Harness::start_proxy(
+        mock,
+        &format!("[auth]\ntoken_cache = \"{}\"\n", cache.display()),
+    )
+    .await;
+    h.ready().await;
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(h.token_fetches(), 1, "one new token for the rejected one");
+    let sent = h.mock.state.last_request_to(PRODUCTS).unwrap();
+    assert_eq!(sent.headers["x-satellogic-contract-id"], "contract-123");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_retry_after_is_the_time_until_the_refreshers_next_attempt() {
+    let h = rate_limited("40", "60s").await;
+    // The first fetch was refused with Retry-After: 40; the refresher waits that long.
+    eventually(Duration::from_secs(10), || async {
+        readyz(&h).await.1["tokens"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rate limiting"))
+    })
+    .await;
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (503, "no_token"));
+    assert!(
+        (10..=40).contains(&retry_after),
+        "Retry-After {retry_after}: the refresher's next attempt is about 40 s away"
+    );
+    assert_eq!(fetch_attempts(&h), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_retry_after_of_any_size_is_passed_through_not_a_crash() {
+    init();
+    let h = Harness::start("").await;
+    h.ready().await;
+    *h.mock.state.api_fail_retry_after.lock().unwrap() = u64::MAX.to_string();
+    *h.mock.state.api_fail_next.lock().unwrap() = Some((503, 1));
+    let c = client();
+    let r = get(&c, h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 503, "too long to wait: the upstream's answer");
+    assert!(r.headers().get("x-aleph-proxy-error").is_none());
+    let r = get(&c, h.url(PRODUCTS)).await;
+    assert_eq!(r.status(), 200);
 }
 
 fn payload(n: usize) -> Vec<u8> {

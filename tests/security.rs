@@ -704,13 +704,14 @@ response_headers = "1s"
     assert_eq!(s, 504);
     *mock.state.api_delay.lock().unwrap() = Duration::ZERO;
 
-    // The token endpoint rejects the credentials while the token is revoked: the proxy's 503.
+    // The token endpoint rejects the credentials while the token is revoked: no new token to send
+    // the request with, so the upstream's 401 comes back.
     tokens.extend(mock.state.issued_tokens());
     mock.state.set_token_mode(TokenMode::Reject);
     mock.state.revoke_all_tokens();
     let s = request_with_client_credentials(&c, &base, "/tasking/products/", ACCESS_KEY, &mut seen)
         .await;
-    assert_eq!(s, 503);
+    assert_eq!(s, 401);
     // A malformed token answer, then recovery.
     mock.state.set_token_mode(TokenMode::Malformed);
     let fetches = mock.state.token_fetches.load(Ordering::SeqCst);

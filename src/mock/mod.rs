@@ -48,6 +48,12 @@ pub enum TokenMode {
     Hang,
     /// The endpoint is down: connections are reset (new ones at once, open ones on their next use).
     Down,
+    /// This status and JSON body, whatever the request (odd answers: huge `expires_in`, an
+    /// `error` echoing the request, oversized bodies).
+    Custom {
+        status: u16,
+        body: String,
+    },
 }
 
 /// One request the mock API or object store received.
@@ -102,6 +108,11 @@ pub struct MockState {
     pub api_fail_retry_after: Mutex<String>,
     /// The API is down: its connections are reset (a crashed upstream behind a load balancer).
     pub api_down: AtomicBool,
+    /// Requests to these paths answer 401 `{"message": "Unauthorized"}` whatever their token (a
+    /// path the credential may not use).
+    pub unauthorized_paths: Mutex<Vec<String>>,
+    /// The Retry-After value the token endpoint sends with its 429 (`TokenMode::RateLimited`).
+    pub token_retry_after: Mutex<String>,
     /// TCP connections the API listener accepted (tells pooled reuse from one connection per request).
     pub api_connections: AtomicU64,
     /// Asset bodies are sent at most this many bytes per second (0 = unthrottled).
@@ -129,6 +140,8 @@ impl MockState {
             api_fail_next: Mutex::new(None),
             api_fail_retry_after: Mutex::new("0".into()),
             api_down: AtomicBool::new(false),
+            unauthorized_paths: Mutex::new(Vec::new()),
+            token_retry_after: Mutex::new("1".into()),
             api_connections: AtomicU64::new(0),
             asset_rate: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
@@ -312,10 +325,22 @@ async fn token_endpoint(
         }
         TokenMode::Empty => return (StatusCode::OK, "").into_response(),
         TokenMode::RateLimited => {
+            let retry_after = s.token_retry_after.lock().unwrap().clone();
             return (
                 StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1"), ("content-type", "application/json")],
+                [
+                    ("retry-after", retry_after.as_str()),
+                    ("content-type", "application/json"),
+                ],
                 "{\"error\":\"too_many_requests\"}",
+            )
+                .into_response();
+        }
+        TokenMode::Custom { status, body } => {
+            return (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+                [("content-type", "application/json")],
+                body,
             )
                 .into_response()
         }
@@ -430,6 +455,14 @@ async fn api_handler(
         }
     }
 
+    if s.unauthorized_paths
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|p| p == uri.path())
+    {
+        return compress_json(unauthorized("Unauthorized"), &headers).await;
+    }
     // Authentication, as the API does it.
     let auth = headers
         .get("authorizationtoken")

@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::body::{IdleTimeout, PassBody, ProxyBody, Streaming};
 use crate::config::{Config, RetryConfig, Timeouts};
 use crate::error::ProxyError;
-use crate::token::{schedule, Token, TokenManager};
+use crate::token::{pass_reason, schedule, Token, TokenManager, Unauthorized};
 use crate::upstream::UpstreamClient;
 use access::Access;
 use contract::{ContractRouter, Resolution};
@@ -325,11 +325,7 @@ async fn forward(
         Resolution::Discovered => match l.contracts.discovered(l.tokens.wait_timeout()).await {
             Ok(h) => Some(h),
             // The token expired while discovery waited for one: that is the real cause.
-            Err(_) if l.tokens.current_usable().is_none() => {
-                return Err(ProxyError::NoToken {
-                    retry_after: Duration::from_secs(1),
-                })
-            }
+            Err(_) if l.tokens.current_usable().is_none() => return Err(l.tokens.no_token()),
             Err(detail) => {
                 return Err(ProxyError::NoContract {
                     path: parts.uri.path().to_string(),
@@ -350,7 +346,8 @@ async fn forward(
     let retryable_method = is_idempotent(&method);
     let deadline = started + shared.retry.max_elapsed;
     let mut attempt: u32 = 0;
-    let mut refreshed = false;
+    // The token an upstream 401 refused, once the request was sent again with a newer one.
+    let mut refused: Option<Arc<Token>> = None;
     let mut body = Some(body);
 
     loop {
@@ -441,31 +438,58 @@ async fn forward(
         };
 
         let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED && !refreshed && !l.tokens.is_legacy() {
+        if status == StatusCode::UNAUTHORIZED && !l.tokens.is_legacy() {
             let (rparts, rbody) = resp.into_parts();
             let text = read_small(rbody, MAX_401_BODY, shared.timeouts.body_idle).await;
             let Some(text) = text else {
                 return Err(ProxyError::UpstreamUnreachable);
             };
-            if mentions_contract(&rparts.headers, &text) {
+            let reason = if mentions_contract(&rparts.headers, &text) {
                 // A new token cannot fix a contract problem: pass it through, no loop.
                 tracing::warn!("upstream 401 names the contract; passed through");
-                return Ok((rebuild(rparts, text), method));
+                pass_reason::CONTRACT
+            } else if let Some(refused) = &refused {
+                // The replay with a newer token was refused as well.
+                l.tokens
+                    .replay_answered(refused, &token, parts.uri.path(), true);
+                pass_reason::NOT_TOKEN
+            } else {
+                match l.tokens.unauthorized(&token, parts.uri.path()).await {
+                    Unauthorized::Replay(newer) if can_replay => {
+                        metrics::counter!("aleph_proxy_unauthorized_refreshes_total").increment(1);
+                        refused = Some(std::mem::replace(&mut token, newer));
+                        parts
+                            .headers
+                            .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
+                        continue;
+                    }
+                    Unauthorized::Replay(_) => {
+                        tracing::warn!(
+                            "upstream 401 on a streamed body that cannot be replayed; passed through"
+                        );
+                        pass_reason::NOT_REPLAYABLE
+                    }
+                    Unauthorized::PassThrough(reason) => {
+                        if reason == pass_reason::NO_NEW_TOKEN {
+                            tracing::warn!(
+                                "upstream 401 and no new access token to try; passed through"
+                            );
+                        }
+                        reason
+                    }
+                }
+            };
+            metrics::counter!("aleph_proxy_unauthorized_passed_through_total", "reason" => reason)
+                .increment(1);
+            return Ok((rebuild(rparts, text), method));
+        }
+        if let Some(refused) = &refused {
+            // The replay got past authentication. (A 429 or a 5xx may come from a gateway before
+            // it, and says nothing about the token.)
+            if status.as_u16() < 500 && status != StatusCode::TOO_MANY_REQUESTS {
+                l.tokens
+                    .replay_answered(refused, &token, parts.uri.path(), false);
             }
-            l.tokens.invalidate(&token);
-            if !can_replay {
-                tracing::warn!(
-                    "upstream 401 on a streamed body that cannot be replayed; passed through"
-                );
-                return Ok((rebuild(rparts, text), method));
-            }
-            refreshed = true;
-            metrics::counter!("aleph_proxy_unauthorized_refreshes_total").increment(1);
-            token = refreshed_token(l, &token).await?;
-            parts
-                .headers
-                .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
-            continue;
         }
         if matches!(status.as_u16(), 429 | 502 | 503)
             && retryable_method
@@ -484,7 +508,11 @@ async fn forward(
                         rand::random(),
                     )
                 });
-            if tokio::time::Instant::now() + delay < deadline {
+            // The delay is the upstream's word (Retry-After): checked, it may be any size.
+            let in_time = tokio::time::Instant::now()
+                .checked_add(delay)
+                .is_some_and(|at| at < deadline);
+            if in_time {
                 tracing::info!(
                     status = status.as_u16(),
                     delay_ms = delay.as_millis() as u64,
@@ -502,27 +530,6 @@ async fn forward(
         // The request's header map is done with: the next request's head reuses it.
         crate::http1::recycle(std::mem::take(&mut parts.headers));
         return Ok((resp.map(|b| PassBody::Streaming(b.into())), method));
-    }
-}
-
-/// A token other than `rejected`, waiting for the refresher.
-async fn refreshed_token(l: &Listener, rejected: &Token) -> Result<Arc<Token>, ProxyError> {
-    let t = l.tokens.token().await?;
-    if t.generation != rejected.generation {
-        return Ok(t);
-    }
-    // The rejected token is still current for an instant (another request re-published it?):
-    // wait for the next generation.
-    let gen = rejected.generation;
-    if l.tokens
-        .wait_for_generation(gen, l.tokens.wait_timeout())
-        .await
-    {
-        l.tokens.token().await
-    } else {
-        Err(ProxyError::NoToken {
-            retry_after: Duration::from_secs(1),
-        })
     }
 }
 

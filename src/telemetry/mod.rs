@@ -243,7 +243,11 @@ fn describe() {
     );
     describe_counter!(
         "aleph_proxy_token_invalidations_total",
-        "Tokens dropped because the upstream rejected them"
+        "New tokens asked for because the upstream answered 401 to the current one (which stays in use until replaced)"
+    );
+    describe_counter!(
+        "aleph_proxy_unauthorized_passed_through_total",
+        "Upstream 401s given to the client as they came, by reason (contract, not_token, no_new_token, not_replayable)"
     );
     describe_counter!(
         "aleph_proxy_upstream_retries_total",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::AuthConfig;
-use crate::token::Token;
+use crate::token::{Token, MAX_LIFETIME};
 
 /// A cached token is only used when at least this much of its life remains.
 const MIN_REMAINING: Duration = Duration::from_secs(120);
@@ -58,6 +58,11 @@ pub fn load(path: &Path, cfg: &AuthConfig) -> Option<(String, Duration)> {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
     let remaining = Duration::from_secs(file.expires_at_unix.saturating_sub(now));
+    // No token the proxy fetched lives longer: a file saying otherwise was not written by it.
+    if remaining > MAX_LIFETIME {
+        tracing::warn!(file = %path.display(), "token cache is corrupt (its expiry is beyond 30 days); ignoring it");
+        return None;
+    }
     if remaining < MIN_REMAINING {
         tracing::warn!(file = %path.display(), "cached token is expired or about to; ignoring it");
         return None;
@@ -185,6 +190,37 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         assert!(load(&path, &cfg("a")).is_none());
         assert!(load(&dir.path().join("missing.json"), &cfg("a")).is_none());
+    }
+
+    #[test]
+    fn an_expiry_beyond_thirty_days_is_corrupt_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let c = cfg("a");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for expires_at_unix in [u64::MAX, now + 31 * 86400] {
+            let file = CacheFile {
+                version: 1,
+                token_url: c.token_url.to_string(),
+                audience: c.audience.clone(),
+                client_id: c.client_id.clone(),
+                access_token: "tok-1".into(),
+                expires_at_unix,
+            };
+            write_private(&path, &serde_json::to_vec(&file).unwrap()).unwrap();
+            assert!(load(&path, &c).is_none(), "{expires_at_unix}");
+        }
+        // Start-up with such a cache fetches a token instead of aborting.
+        let c = AuthConfig {
+            token_cache: Some(path.clone()),
+            ..c
+        };
+        let tls = crate::upstream::tls_config(None).unwrap();
+        let m = crate::token::TokenManager::new(&c, tls, Duration::from_secs(1)).unwrap();
+        assert!(m.current_usable().is_none());
     }
 
     #[cfg(unix)]
