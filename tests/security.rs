@@ -1180,6 +1180,68 @@ async fn smuggling_attempts_never_reach_the_upstream() {
     assert_eq!(rec.body.as_ref(), b"hello");
 }
 
+/// Chunked request bodies that break RFC 9112 section 7.1, the ways parsers have been made to
+/// disagree on where a body ends ("funky chunks"): a size line without digits, a bare LF or
+/// control bytes in a chunk extension, whitespace after the size, a bare LF before or in the
+/// trailers, trailer lines that are not fields. Each gets the proxy's 400 and a closed
+/// connection; neither the request nor what follows it reaches the upstream.
+#[tokio::test]
+async fn malformed_chunked_bodies_get_400_and_reach_no_upstream() {
+    let h = Harness::start(FIXED).await;
+    h.ready().await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let post = "POST /echo/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (what, body) in [
+        ("a size line without digits", format!("\r\n\r\n{smuggled}")),
+        (
+            "a bare LF in an extension",
+            "3;x\nabc\r\nxyz\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "control bytes in an extension",
+            "3;\x00\x01\x7f\r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "whitespace after the size",
+            "3 \t \r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "a bare LF ending the size line",
+            "3\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "a bare LF ending the trailers",
+            format!("3\r\nabc\r\n0\r\n\n{smuggled}"),
+        ),
+        (
+            "a trailer line that is no field",
+            "3\r\nabc\r\n0\r\nthis is not a field\r\n\r\n".to_string(),
+        ),
+        (
+            "a folded trailer line",
+            "3\r\nabc\r\n0\r\nx-a: 1\r\n b\r\n\r\n".to_string(),
+        ),
+    ] {
+        let r = raw_exchange(h.proxy, format!("{post}{body}").as_bytes()).await;
+        assert_one_response(&r, 400, what);
+        assert!(
+            r.contains("x-aleph-proxy-error: bad_request"),
+            "{what}:\n{r}"
+        );
+    }
+    assert_eq!(h.mock.state.api_requests.load(Ordering::SeqCst), 0);
+    // Extensions and trailers that follow the grammar pass.
+    let r = raw_exchange(
+        h.proxy,
+        format!("{post}3 ; a=b;c=\"d e\"\r\nabc\r\n0\r\nx-a: 1\r\n\r\n")
+            .replace("HTTP/1.1\r\nHost", "HTTP/1.1\r\nConnection: close\r\nHost")
+            .as_bytes(),
+    )
+    .await;
+    assert_one_response(&r, 200, "a well-formed chunked body");
+    assert_eq!(h.mock.state.last_request().unwrap().body.as_ref(), b"abc");
+}
+
 /// Bytes no HTTP/1.1 parser should accept in a request head: 400 (or a close), never a crash, and
 /// nothing reaches the upstream.
 #[tokio::test]

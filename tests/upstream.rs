@@ -566,3 +566,47 @@ async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
         }
     }
 }
+
+/// A chunked response body that breaks RFC 9112 section 7.1 (a size line without digits, a bare
+/// LF or a control byte in an extension, a trailer line that is not a field) cuts the client's
+/// response, and its connection is not used again.
+#[tokio::test]
+async fn broken_chunked_response_bodies_are_cut_and_their_connection_is_not_reused() {
+    let up = Upstream::start(|line, _| {
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let body: &str = match line {
+            "GET /no-digits" => "5\r\nhello\r\n\r\n\r\n",
+            "GET /bare-lf" => "3;x\nabc\r\nxyz\r\n0\r\n\r\n",
+            "GET /control" => "3;\x00\x01\x7f\r\nabc\r\n0\r\n\r\n",
+            "GET /space" => "3 \r\nabc\r\n0\r\n\r\n",
+            "GET /trailer" => "3\r\nabc\r\n0\r\nthis is not a field\r\n\r\n",
+            "GET /trailer-lf" => "3\r\nabc\r\n0\r\n\nx-a: 1\r\n\r\n",
+            _ => return Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        };
+        Step::Reply(format!("{head}{body}").leak().as_bytes())
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let paths = [
+        "/no-digits",
+        "/bare-lf",
+        "/control",
+        "/space",
+        "/trailer",
+        "/trailer-lf",
+    ];
+    for (i, path) in paths.into_iter().enumerate() {
+        // The head may or may not have left before the body failed; either way the client must
+        // not get what looks like a complete response.
+        if let Ok(r) = client().get(h.url(path)).send().await {
+            assert_eq!(r.status(), 200, "{path}");
+            assert!(r.bytes().await.is_err(), "{path}: the body must be cut");
+        }
+        assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()), "{path}");
+        assert_eq!(
+            up.conns.load(Ordering::SeqCst),
+            i + 2,
+            "{path}: its connection was not reused"
+        );
+    }
+}

@@ -13,8 +13,11 @@
 //! - Transfer-Encoding other than exactly `chunked`, or in an HTTP/1.0 request: 400;
 //! - Transfer-Encoding with Content-Length: read as chunked, the length dropped, the connection
 //!   closed after the response (RFC 9112 6.3);
-//! - differing Content-Lengths (repeated or as a list), or one that is not a number: 400;
-//! - a bad chunk size fails the body: the proxy answers 400 and closes the connection.
+//! - differing Content-Lengths (repeated or as a list), or one that is not digits only: 400;
+//! - a chunked body that breaks RFC 9112 section 7.1 to the letter (a chunk-size line without
+//!   digits, with bytes other than extensions after the size, a trailer line that is not a field
+//!   line, a line ending in a bare LF: `crate::http1`) fails the body: the proxy answers 400 and
+//!   closes the connection.
 //!
 //! Every refusal is the proxy's JSON error and closes the connection; nothing of a refused
 //! request reaches the handler. An HTTP/2 preface and a head that never completes (timeout, end
