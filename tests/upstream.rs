@@ -610,3 +610,47 @@ async fn broken_chunked_response_bodies_are_cut_and_their_connection_is_not_reus
         );
     }
 }
+
+/// Framing the proxy cannot pass on is its 502: a Transfer-Encoding other than exactly chunked
+/// (the proxy decodes no other coding, and re-framed bytes would reach the client still coded
+/// and undeclared), a Content-Length that is not digits only, a head over 64 KiB.
+#[tokio::test]
+async fn upstream_framing_the_proxy_cannot_pass_on_is_a_502() {
+    let fields: String = (0..95)
+        .map(|i| format!("x-f{i}: {}\r\n", "a".repeat(1000)))
+        .collect();
+    let big_head: &'static str =
+        format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok").leak();
+    let up = Upstream::start(move |line, _| {
+        Step::Reply(match line {
+            "GET /gzip-chunked" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            }
+            "GET /chunked-gzip" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            }
+            "GET /gzip" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nhello",
+            "GET /plus-length" => b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            "GET /big-head" => big_head.as_bytes(),
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        })
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for path in [
+        "/gzip-chunked",
+        "/chunked-gzip",
+        "/gzip",
+        "/plus-length",
+        "/big-head",
+    ] {
+        let r = client().get(h.url(path)).send().await.unwrap();
+        let (status, code) = proxy_error(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (502, "upstream_unreachable"),
+            "{path}"
+        );
+    }
+    assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()));
+}

@@ -40,7 +40,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
-use crate::http1::{span, take, Chunk, Decoded};
+use crate::http1::{parse_length, span, take, Chunk, Decoded};
 use crate::splice;
 
 /// Request header fields at most (hyper's limit); more is a 431.
@@ -411,14 +411,6 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         keep_alive,
         expect_continue,
     }))
-}
-
-/// A Content-Length: digits only (`+5` and `-1` are refused), within u64.
-fn parse_length(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(s).ok()?.parse().ok()
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
