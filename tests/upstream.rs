@@ -654,3 +654,31 @@ async fn upstream_framing_the_proxy_cannot_pass_on_is_a_502() {
     }
     assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()));
 }
+
+/// The status line carries the registered reason of its code, and none for a code without one
+/// (the upstream's own phrase is not kept).
+#[tokio::test]
+async fn statuses_without_a_registered_reason_get_an_empty_one() {
+    let up = Upstream::start(|line, _| {
+        Step::Reply(match line {
+            "GET /custom" => b"HTTP/1.1 299 Custom Thing\r\ncontent-length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 404 Gone Fishing\r\ncontent-length: 2\r\n\r\nok",
+        })
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for (path, line) in [
+        ("/custom", "HTTP/1.1 299 \r\n"),
+        ("/missing", "HTTP/1.1 404 Not Found\r\n"),
+    ] {
+        let (mut rd, mut wr) = TcpStream::connect(h.proxy).await.unwrap().into_split();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            h.proxy
+        );
+        wr.write_all(request.as_bytes()).await.unwrap();
+        let text = read_until(&mut rd, |_| false).await;
+        assert!(text.starts_with(line), "{text}");
+        assert!(text.ends_with("\r\n\r\nok"), "{text}");
+    }
+}

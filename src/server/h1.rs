@@ -736,7 +736,8 @@ impl Conn {
         w.extend_from_slice(b"HTTP/1.1 ");
         w.extend_from_slice(status.as_str().as_bytes());
         w.push(b' ');
-        w.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+        // A status without a registered reason gets an empty one (the upstream's is not kept).
+        w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         w.extend_from_slice(b"\r\n");
         let mut has_date = false;
         for (name, value) in headers.iter() {
