@@ -323,11 +323,14 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut cl_values = 0u32;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     let mut expect_continue = false;
+    let mut hosts = 0u32;
     for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| bad("malformed request header name"))?;
         let raw = &bytes[vs as usize..ve as usize];
-        if name == header::CONNECTION {
+        if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
             let mut names_fields = false;
             for t in raw.split(|b| *b == b',').map(|t| t.trim_ascii()) {
                 let close = t.eq_ignore_ascii_case(b"close");
@@ -365,6 +368,13 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| bad("malformed request header value"))?;
         headers.append(name, value);
+    }
+    // RFC 9112 section 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+    if hosts > 1 {
+        return Err(bad("more than one Host header field"));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(bad("an HTTP/1.1 request needs a Host header field"));
     }
 
     let mut keep_alive = if version == Version::HTTP_11 {
@@ -1132,8 +1142,25 @@ mod tests {
                 "Done keep_alive=true",
             ),
             (
-                "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n".into(),
+                "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".into(),
                 "Done keep_alive=false",
+            ),
+            // RFC 9112 section 3.2: one Host in HTTP/1.1, at most one in HTTP/1.0.
+            (
+                "GET /x HTTP/1.1\r\n\r\n".into(),
+                "Bad(\"an HTTP/1.1 request needs a Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
             ),
             ("GET /x HTTP/1.1\r\nHost: a\r\n".into(), "partial"),
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(), "Silent"),
