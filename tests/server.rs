@@ -173,6 +173,27 @@ async fn refused_heads_get_the_proxys_json_error() {
             431,
             "request_headers_too_large",
         ),
+        (
+            format!("GET /x?q={big} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+            414,
+            "request_target_too_long",
+        ),
+        // RFC 9112 section 3.2: exactly one Host in an HTTP/1.1 request.
+        (
+            "GET /echo/x HTTP/1.1\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET /echo/x HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET /echo/x HTTP/1.0\r\nHost: evil.example\r\nHost: 127.0.0.1\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
     ] {
         let mut s = TcpStream::connect(h.proxy).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();

@@ -8,8 +8,10 @@
 //!
 //! Parsing is httparse's (the parser inside hyper). The message framing of RFC 9112 section 6
 //! and its request-smuggling defences are here:
-//! - a head larger than `limits.max_request_header_bytes` or with more than 100 fields: 431;
+//! - a request line longer than `limits.max_request_header_bytes`: 414;
+//! - a head larger than that or with more than 100 fields: 431;
 //! - anything httparse refuses (bad bytes, obs-fold, spaces before the colon): 400;
+//! - an HTTP/1.1 request without Host, or any request with more than one Host field: 400;
 //! - Transfer-Encoding other than exactly `chunked`, or in an HTTP/1.0 request: 400;
 //! - Transfer-Encoding with Content-Length: read as chunked, the length dropped, the connection
 //!   closed after the response (RFC 9112 6.3);
@@ -255,6 +257,8 @@ enum Refusal {
     Bad(String),
     /// 431.
     TooLarge,
+    /// 414: the request line alone is longer than the head may be.
+    TargetTooLong,
     /// Closed without an answer (an HTTP/2 preface).
     Silent,
 }
@@ -274,6 +278,22 @@ fn bad(detail: impl Into<String>) -> Refusal {
     Refusal::Bad(detail.into())
 }
 
+/// A head over `max_head` bytes: 414 when its request line alone is (RFC 9112 section 3), else
+/// 431.
+fn too_large(buf: &[u8], max_head: usize) -> Refusal {
+    // Empty lines before the request line are skipped by the parser, and by this count.
+    let start = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let window = &buf[start..buf.len().min(start + max_head)];
+    if memchr::memchr(b'\n', window).is_none() {
+        Refusal::TargetTooLong
+    } else {
+        Refusal::TooLarge
+    }
+}
+
 /// Parses a complete request head off the front of `buf`; None when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refusal> {
     // Uninitialised: zeroing 100 slots would cost more than parsing a small head.
@@ -281,7 +301,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut req = httparse::Request::new(&mut []);
     let n = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Err(too_large(buf, max_head))
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
         Err(httparse::Error::Version) if buf.starts_with(b"PRI * HTTP/2.0") => {
@@ -290,7 +312,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         Err(e) => return Err(bad(format!("malformed request head: {e}"))),
     };
     if n > max_head {
-        return Err(Refusal::TooLarge);
+        return Err(too_large(buf, max_head));
     }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| bad("malformed request method"))?;
@@ -1012,6 +1034,7 @@ impl Conn {
         let err = match refusal {
             Refusal::Silent => return,
             Refusal::TooLarge => ProxyError::HeadersTooLarge,
+            Refusal::TargetTooLong => ProxyError::TargetTooLong,
             Refusal::Bad(detail) => ProxyError::BadRequest { detail },
         };
         tracing::debug!(code = err.code(), detail = %err.message(), "request head refused");
@@ -1216,6 +1239,18 @@ mod tests {
         assert!(matches!(parse_head(&mut buf, 8192), Err(Refusal::TooLarge)));
         buf.extend_from_slice(b"\r\n\r\n");
         assert!(matches!(parse_head(&mut buf, 8192), Err(Refusal::TooLarge)));
+        // A request line longer than the limit is a target too long (414), whole or not.
+        let mut buf = BytesMut::from(&b"\r\nGET /?q="[..]);
+        buf.extend_from_slice(&[b'a'; 9000]);
+        assert!(matches!(
+            parse_head(&mut buf, 8192),
+            Err(Refusal::TargetTooLong)
+        ));
+        buf.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(matches!(
+            parse_head(&mut buf, 8192),
+            Err(Refusal::TargetTooLong)
+        ));
     }
 
     #[test]
