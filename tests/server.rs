@@ -314,16 +314,13 @@ async fn a_client_hanging_up_abandons_its_request() {
     s.write_all(b"GET /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
-    let in_flight = |want: &'static str| {
-        let h = &h;
-        async move {
-            h.metrics()
-                .await
-                .lines()
-                .any(|l| l.starts_with("aleph_proxy_in_flight_requests ") && l.ends_with(want))
-        }
-    };
-    eventually(Duration::from_secs(10), || in_flight(" 1")).await;
+    eventually(Duration::from_secs(10), || async {
+        h.in_flight().await == 1
+    })
+    .await;
     drop(s);
-    eventually(Duration::from_secs(10), || in_flight(" 0")).await;
+    eventually(Duration::from_secs(10), || async {
+        h.in_flight().await == 0
+    })
+    .await;
 }

@@ -397,16 +397,23 @@ fn large_response(len: usize, announced: usize) -> &'static [u8] {
     Box::leak(v.into_boxed_slice())
 }
 
+/// A chunked 200 with `len` body bytes in chunks of 1 MiB (leaked like [`large_response`]).
+fn large_chunked_response(len: usize) -> &'static [u8] {
+    let mut v =
+        b"HTTP/1.1 200 OK\r\ncontent-type: image/tiff\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for chunk in pattern(len).chunks(1024 * 1024) {
+        v.extend(format!("{:x}\r\n", chunk.len()).bytes());
+        v.extend(chunk);
+        v.extend(b"\r\n");
+    }
+    v.extend(b"0\r\n\r\n");
+    Box::leak(v.into_boxed_slice())
+}
+
 /// The proxy's `aleph_proxy_spliced_bytes_total`.
 async fn spliced(h: &support::Harness) -> u64 {
-    h.metrics()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix("aleph_proxy_spliced_bytes_total "))
-        .expect("aleph_proxy_spliced_bytes_total is exported")
-        .trim()
-        .parse()
-        .unwrap()
+    h.metric("aleph_proxy_spliced_bytes_total").await as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,6 +571,62 @@ async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
                 "{text}"
             );
         }
+    }
+}
+
+/// A client that stops reading its response holds nothing longer than `timeouts.body_idle`: the
+/// response is cut, the connection closed, its in-flight slot freed and its upstream connection
+/// closed, whether the body moves socket to socket (a Content-Length) or through the proxy
+/// (chunked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_body_idle() {
+    // Far more than the socket buffers between the upstream and the client hold.
+    const LEN: usize = 32 * 1024 * 1024;
+    let length = large_response(LEN, LEN);
+    let chunked = large_chunked_response(LEN);
+    let up = Upstream::start(move |line, _| match line {
+        "GET /length" => Step::Reply(length),
+        "GET /chunked" => Step::Reply(chunked),
+        _ => Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    // One request in flight at most: a client holding its slot would refuse every other one.
+    let h = proxy_at(
+        up.addr,
+        "[timeouts]\nbody_idle = \"300ms\"\n[limits]\nmax_in_flight = 1\n",
+    )
+    .await;
+    for (i, path) in ["/length", "/chunked"].into_iter().enumerate() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let (mut rd, mut wr) = sock.connect(h.proxy).await.unwrap().into_split();
+        wr.write_all(format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", h.proxy).as_bytes())
+            .await
+            .unwrap();
+        // The response has begun; the client reads no more of it.
+        let head = read_until(&mut rd, |r| r.windows(4).any(|w| w == b"\r\n\r\n")).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        eventually(std::time::Duration::from_secs(20), || async {
+            h.in_flight().await == 0
+        })
+        .await;
+        assert_eq!(
+            get_text(&h.url("/small")).await,
+            (200, "ok".into()),
+            "{path}"
+        );
+        let closed = up.closed.clone();
+        eventually(std::time::Duration::from_secs(20), || {
+            let closed = closed.clone();
+            async move { closed.load(Ordering::SeqCst) == i + 1 }
+        })
+        .await;
+        // The client's connection is over: what it reads now ends short of the body.
+        let rest = read_until(&mut rd, |_| false).await;
+        assert!(
+            head.len() + rest.len() < LEN,
+            "{path}: the response was cut"
+        );
     }
 }
 

@@ -3,8 +3,9 @@
 //! One task per connection reads a request head, calls the handler, and writes the response
 //! while it is polled for body data; the request body is read from the socket when the handler
 //! (the upstream writer) asks for the next chunk. There is no dispatch channel and no timer per
-//! request: the header and keep-alive timeouts share one timer per connection, which only moves
-//! when it fires. BENCHMARKS.md has what that bought against hyper's server connection.
+//! request: the header, keep-alive and write timeouts share one timer per connection, which only
+//! moves when it fires (the write timeout only when a write has to wait). BENCHMARKS.md has what
+//! that bought against hyper's server connection.
 //!
 //! Parsing is httparse's (the parser inside hyper). The message framing of RFC 9112 section 6
 //! and its request-smuggling defences are here:
@@ -23,7 +24,9 @@
 //!
 //! Every refusal is the proxy's JSON error and closes the connection; nothing of a refused
 //! request reaches the handler. An HTTP/2 preface and a head that never completes (timeout, end
-//! of stream) are closed without an answer.
+//! of stream) are closed without an answer. A client that takes nothing of its response for
+//! `timeouts.body_idle` has the response cut and the connection reset, which frees the request's
+//! in-flight slot and closes its upstream connection.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -78,6 +81,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Request heads larger than this are refused with 431.
     pub max_head: usize,
+    /// A response write the client takes nothing of for this long cuts the response and closes
+    /// the connection (`timeouts.body_idle`, the pause allowed between body chunks).
+    pub body_idle: Duration,
 }
 
 /// The client's request body failed: cut short, malformed framing, or read after its request
@@ -515,6 +521,52 @@ enum WriteFailed {
     Io,
     /// The response body failed midway: the client must see a cut, not a complete response.
     Body,
+    /// The client took nothing of a write for `limits.body_idle`.
+    Stalled,
+}
+
+/// Bounds the wait of one client write (flush, vectored write, splice) by `limits.body_idle`
+/// without progress, on the connection's one timer. A write that completes at once (the usual
+/// case) costs nothing more: the clock is read and the timer moved only when a write has to
+/// wait after some progress.
+struct Stall<'a> {
+    deadline: &'a mut Deadline,
+    idle: Duration,
+    /// The deadline is set for the current wait.
+    waiting: bool,
+}
+
+impl<'a> Stall<'a> {
+    fn new(deadline: &'a mut Deadline, idle: Duration) -> Stall<'a> {
+        Stall {
+            deadline,
+            idle,
+            waiting: false,
+        }
+    }
+
+    /// The client took some bytes.
+    fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// The write has to wait: true when it has waited `idle` since the last progress.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            self.deadline.set(Instant::now() + self.idle);
+        }
+        self.deadline.poll_expired(cx)
+    }
+
+    /// What a pending write gives its poll: Pending, or the stall once it expired.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, WriteFailed>> {
+        if self.expired(cx) {
+            Poll::Ready(Err(WriteFailed::Stalled))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 struct Conn {
@@ -622,6 +674,7 @@ pub async fn serve<H, F>(
         {
             Ok(kept) => kept,
             Err(WriteFailed::Io) => return,
+            Err(WriteFailed::Stalled) => return conn.abort(),
             Err(WriteFailed::Body) => false,
         };
         if !kept {
@@ -904,17 +957,29 @@ impl Conn {
     ) -> Result<u64, WriteFailed> {
         self.flush().await?;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let mut moved = 0u64;
         let r = poll_fn(|cx| {
             let g = lock(io);
-            splice::poll_copy(cx, &mut pipe, body, g.wr.as_ref(), &mut moved)
+            let before = moved;
+            let r = splice::poll_copy(cx, &mut pipe, body, g.wr.as_ref(), &mut moved);
+            if moved != before {
+                stall.progressed();
+            }
+            // Pending with bytes in the pipe is a wait for the client; with none, for the
+            // upstream (whose pauses the body bounds).
+            if r.is_pending() && pipe.held() > 0 && stall.expired(cx) {
+                return Poll::Ready(None);
+            }
+            r.map(Some)
         })
         .await;
         metrics::counter!("aleph_proxy_spliced_bytes_total").increment(moved);
         match r {
-            Ok(()) => Ok(moved),
-            Err(splice::CopyError::Destination(_)) => Err(WriteFailed::Io),
-            Err(splice::CopyError::Source(e)) => {
+            Some(Ok(())) => Ok(moved),
+            None => Err(WriteFailed::Stalled),
+            Some(Err(splice::CopyError::Destination(_))) => Err(WriteFailed::Io),
+            Some(Err(splice::CopyError::Source(e))) => {
                 tracing::debug!(error = %e, "response body failed; cutting the response");
                 Err(WriteFailed::Body)
             }
@@ -926,12 +991,17 @@ impl Conn {
         let mut from = 0;
         let out = &self.out;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let r = poll_fn(|cx| {
             let mut g = lock(io);
             while from < out.len() {
-                match ready!(Pin::new(&mut g.wr).poll_write(cx, &out[from..])) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(WriteFailed::Io)),
-                    Ok(n) => from += n,
+                match Pin::new(&mut g.wr).poll_write(cx, &out[from..]) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed::Io)),
+                    Poll::Ready(Ok(n)) => {
+                        from += n;
+                        stall.progressed();
+                    }
+                    Poll::Pending => return stall.pending(cx),
                 }
             }
             Poll::Ready(Ok(()))
@@ -946,6 +1016,7 @@ impl Conn {
         let (mut a, mut b) = (0, 0);
         let out = &self.out;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let r = poll_fn(|cx| {
             let mut g = lock(io);
             while a < out.len() || b < data.len() {
@@ -953,14 +1024,16 @@ impl Conn {
                     std::io::IoSlice::new(&out[a..]),
                     std::io::IoSlice::new(&data[b..]),
                 ];
-                match ready!(Pin::new(&mut g.wr).poll_write_vectored(cx, &bufs)) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(WriteFailed::Io)),
-                    Ok(mut n) => {
+                match Pin::new(&mut g.wr).poll_write_vectored(cx, &bufs) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed::Io)),
+                    Poll::Ready(Ok(mut n)) => {
                         let first = n.min(out.len() - a);
                         a += first;
                         n -= first;
                         b += n;
+                        stall.progressed();
                     }
+                    Poll::Pending => return stall.pending(cx),
                 }
             }
             Poll::Ready(Ok(()))
@@ -1027,6 +1100,16 @@ impl Conn {
             }),
         )
         .await;
+    }
+
+    /// Drops a connection whose client stopped taking its response, with a reset: what the
+    /// kernel still holds for it is discarded, not sent on for as long as the client stays.
+    fn abort(self) {
+        tracing::debug!(
+            idle_secs = self.limits.body_idle.as_secs_f64(),
+            "the client took nothing of the response for timeouts.body_idle; closing the connection"
+        );
+        let _ = lock(&self.io).wr.as_ref().set_zero_linger();
     }
 
     /// Answers a refused head with the proxy's JSON error, then closes.
