@@ -33,6 +33,8 @@ pub enum ProxyError {
     Forbidden { detail: String },
     /// The request head is larger than `limits.max_request_header_bytes` (or has too many fields).
     HeadersTooLarge,
+    /// The request line alone is longer than `limits.max_request_header_bytes`.
+    TargetTooLong,
     /// The proxy is shutting down.
     ShuttingDown,
 }
@@ -48,6 +50,7 @@ impl ProxyError {
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::TargetTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -63,6 +66,7 @@ impl ProxyError {
             ProxyError::BadRequest { .. } => "bad_request",
             ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::HeadersTooLarge => "request_headers_too_large",
+            ProxyError::TargetTooLong => "request_target_too_long",
             ProxyError::ShuttingDown => "shutting_down",
         }
     }
@@ -81,6 +85,7 @@ impl ProxyError {
             ProxyError::BadRequest { detail } => detail.clone(),
             ProxyError::Forbidden { detail } => detail.clone(),
             ProxyError::HeadersTooLarge => "the request head is larger than aleph-proxy accepts (limits.max_request_header_bytes, at most 100 fields)".into(),
+            ProxyError::TargetTooLong => "the request target is longer than aleph-proxy accepts (limits.max_request_header_bytes)".into(),
             ProxyError::ShuttingDown => "aleph-proxy is shutting down".into(),
         }
     }
@@ -153,6 +158,8 @@ mod tests {
     fn statuses() {
         assert_eq!(ProxyError::UpstreamUnreachable.status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
+        assert_eq!(ProxyError::TargetTooLong.status(), 414);
+        assert_eq!(ProxyError::TargetTooLong.code(), "request_target_too_long");
         let r = ProxyError::NoToken {
             retry_after: Duration::from_secs(3),
         }

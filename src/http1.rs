@@ -1,6 +1,14 @@
 //! HTTP/1.1 pieces both sides of the proxy share: the chunked transfer coding (RFC 9112
-//! section 7.1) as an incremental decoder, where a parsed field lies in its head, and the header
-//! maps that finished messages hand back for the next ones.
+//! section 7.1) as an incremental decoder, the Content-Length grammar, where a parsed field lies
+//! in its head, and the header maps that finished messages hand back for the next ones.
+//!
+//! The chunked coding is parsed to the letter of RFC 9112 section 7.1, because a recipient that
+//! reads a body's end elsewhere than the sender does is a request-smuggling hop: a chunk-size
+//! line is `1*HEXDIG` (within u64), then only extensions (`BWS ";" BWS token [BWS "=" BWS
+//! (token / quoted-string)]`), then CRLF; a trailer line is a field line (a token, a colon, a
+//! value without control bytes but HTAB). Every line of the coding ends in CRLF: a bare LF,
+//! which RFC 9112 section 2.2 lets a recipient take as a line end, is refused here, as is a
+//! bare CR (it is a control byte).
 
 use std::cell::RefCell;
 
@@ -77,20 +85,22 @@ impl Chunk {
     pub fn decode(&mut self, buf: &mut BytesMut, max_trailers: usize) -> Decoded {
         loop {
             match self {
-                Chunk::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buf.advance(used);
-                        *self = if size == 0 {
-                            Chunk::Trailers(0)
-                        } else {
-                            Chunk::Data(size)
-                        };
-                    }
-                    Ok(httparse::Status::Partial) if buf.len() < MAX_SIZE_LINE => {
-                        return Decoded::More
-                    }
-                    _ => return Decoded::Invalid("invalid chunk size"),
-                },
+                Chunk::Size => {
+                    let end = match line_end(buf, MAX_SIZE_LINE, "chunk size line too long") {
+                        Ok(0) => return Decoded::More,
+                        Ok(end) => end,
+                        Err(why) => return Decoded::Invalid(why),
+                    };
+                    let Some(size) = chunk_size(&buf[..end - 2]) else {
+                        return Decoded::Invalid("invalid chunk size line");
+                    };
+                    buf.advance(end);
+                    *self = if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
                 Chunk::Data(left) => {
                     if buf.is_empty() {
                         return Decoded::More;
@@ -111,21 +121,130 @@ impl Chunk {
                     buf.advance(2);
                     *self = Chunk::Size;
                 }
-                Chunk::Trailers(seen) => match buf.windows(2).position(|w| w == b"\r\n") {
-                    Some(0) => {
-                        buf.advance(2);
-                        return Decoded::End;
+                Chunk::Trailers(seen) => {
+                    let room = max_trailers - *seen;
+                    match line_end(buf, room, "trailer section too large") {
+                        Ok(0) => return Decoded::More,
+                        Ok(2) => {
+                            buf.advance(2);
+                            return Decoded::End;
+                        }
+                        Ok(end) if is_field_line(&buf[..end - 2]) => {
+                            *seen += end;
+                            buf.advance(end);
+                        }
+                        Ok(_) => return Decoded::Invalid("invalid trailer line"),
+                        Err(why) => return Decoded::Invalid(why),
                     }
-                    Some(i) if *seen + i + 2 <= max_trailers => {
-                        *seen += i + 2;
-                        buf.advance(i + 2);
-                    }
-                    None if *seen + buf.len() <= max_trailers => return Decoded::More,
-                    _ => return Decoded::Invalid("trailer section too large"),
-                },
+                }
             }
         }
     }
+}
+
+/// Where the line at the front of `buf` ends: its length with the CRLF, or 0 when no line end
+/// is there yet and the line may still end within `max` bytes. Err(`too_long`) when it cannot;
+/// an error too when it ends in a bare LF.
+fn line_end(buf: &[u8], max: usize, too_long: &'static str) -> Result<usize, &'static str> {
+    let window = &buf[..buf.len().min(max)];
+    match memchr::memchr(b'\n', window) {
+        Some(i) if i > 0 && window[i - 1] == b'\r' => Ok(i + 1),
+        Some(_) => Err("chunked coding line ends in a bare LF"),
+        None if buf.len() < max => Ok(0),
+        None => Err(too_long),
+    }
+}
+
+/// The size of a chunk-size line (without its CRLF): `1*HEXDIG` then chunk extensions, which
+/// are checked and dropped. None when the line is not that, or the size overflows u64.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || line[..digits].iter().skip_while(|b| **b == b'0').count() > 16 {
+        return None;
+    }
+    let size = line[..digits].iter().fold(0u64, |n, b| {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => b - b'A' + 10,
+        };
+        n << 4 | u64::from(d)
+    });
+    // chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+    let mut rest = &line[digits..];
+    while !rest.is_empty() {
+        rest = skip_bws(rest).strip_prefix(b";")?;
+        rest = skip_bws(rest);
+        let name = token_len(rest);
+        if name == 0 {
+            return None;
+        }
+        rest = &rest[name..];
+        if let Some(value) = skip_bws(rest).strip_prefix(b"=") {
+            let value = skip_bws(value);
+            let len = if value.first() == Some(&b'"') {
+                quoted_len(value)?
+            } else {
+                token_len(value)
+            };
+            if len == 0 {
+                return None;
+            }
+            rest = &value[len..];
+        }
+    }
+    Some(size)
+}
+
+fn skip_bws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+    &s[n..]
+}
+
+/// RFC 9110 section 5.6.2: `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Bytes of the token at the front of `s` (0: none).
+fn token_len(s: &[u8]) -> usize {
+    s.iter().take_while(|b| is_tchar(**b)).count()
+}
+
+/// Bytes of the quoted-string at the front of `s` (which starts with `"`), RFC 9110 section
+/// 5.6.4: None when it is not closed or holds a control byte other than HTAB.
+fn quoted_len(s: &[u8]) -> Option<usize> {
+    let text = |b: u8| b == b'\t' || (b >= 0x20 && b != 0x7f);
+    let mut i = 1;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i + 1),
+            b'\\' if s.get(i + 1).is_some_and(|b| text(*b)) => i += 2,
+            b if text(b) && b != b'\\' => i += 1,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// A trailer line (without its CRLF) is a field line, RFC 9112 section 5: a token, a colon and
+/// a value of visible bytes, spaces and tabs (obs-text included; no obs-fold).
+fn is_field_line(line: &[u8]) -> bool {
+    let name = token_len(line);
+    name > 0
+        && line.get(name) == Some(&b':')
+        && line[name + 1..]
+            .iter()
+            .all(|b| *b == b'\t' || (*b >= 0x20 && *b != 0x7f))
+}
+
+/// A Content-Length value (one element of the list): digits only (`+5` and `-1` are refused,
+/// RFC 9110 section 8.6), within u64.
+pub fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
 }
 
 /// Up to `left` bytes off the front of `buf` (which holds some).
@@ -220,6 +339,14 @@ mod tests {
         (data, Decoded::More)
     }
 
+    /// Decodes `wire` a byte at a time and at once, which must agree; returns the result.
+    fn decode_bytewise_and_whole(wire: &[u8]) -> (Vec<u8>, Decoded) {
+        let whole = decode_in_steps(wire, wire.len());
+        let bytewise = decode_in_steps(wire, 1);
+        assert_eq!(bytewise, whole, "{:?}", String::from_utf8_lossy(wire));
+        whole
+    }
+
     #[test]
     fn chunked_bodies_decode_whatever_the_read_boundaries() {
         let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\nNEXT";
@@ -240,17 +367,112 @@ mod tests {
 
     #[test]
     fn broken_chunked_bodies_are_refused() {
+        let size = "invalid chunk size line";
+        let bare_lf = "chunked coding line ends in a bare LF";
+        let trailer = "invalid trailer line";
         for (wire, why) in [
-            (&b"zz\r\nab\r\n0\r\n\r\n"[..], "invalid chunk size"),
-            (b"fffffffffffffffffffff\r\nx\r\n0\r\n\r\n", "invalid chunk size"),
+            (&b"zz\r\nab\r\n0\r\n\r\n"[..], size),
+            (b"fffffffffffffffffffff\r\nx\r\n0\r\n\r\n", size),
+            (b"10000000000000000\r\nx\r\n0\r\n\r\n", size),
             (b"2\r\nabXY0\r\n\r\n", "invalid chunk end"),
             (
                 b"0\r\nx-a: 0123456789012345678901234567890123456789012345678901234567890123\r\n\r\n",
                 "trailer section too large",
             ),
+            // No digits: not a last chunk (RFC 9112 section 7.1: chunk-size = 1*HEXDIG).
+            (b"\r\n\r\n", size),
+            (b"5\r\nhello\r\n\r\n\r\n", size),
+            (b";x\r\n\r\n", size),
+            (b"-1\r\nx\r\n0\r\n\r\n", size),
+            (b"+1\r\nx\r\n0\r\n\r\n", size),
+            (b"0x1\r\nx\r\n0\r\n\r\n", size),
+            // Whitespace after the size is allowed only before an extension.
+            (b"3 \t \r\nabc\r\n0\r\n\r\n", size),
+            (b"3 \r\nabc\r\n0\r\n\r\n", size),
+            // Extensions: tokens or quoted strings, no control bytes, no bare LF.
+            (b"3;x\nabc\r\nxyz\r\n0\r\n\r\n", bare_lf),
+            (b"3;\x00\x01\x7f\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=\x01\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a\rb\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=\"x\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=\"x\x7f\"\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a b\r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=b \r\nabc\r\n0\r\n\r\n", size),
+            (b"3;a=b;\r\nabc\r\n0\r\n\r\n", size),
+            // Bare LF ends no line of the coding.
+            (b"3\nabc\r\n0\r\n\r\n", bare_lf),
+            (b"3\r\nabc\r\n0\n\r\n", bare_lf),
+            (b"3\r\nabc\r\n0\r\n\n", bare_lf),
+            // Trailers are field lines.
+            (
+                b"3\r\nabc\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+                bare_lf,
+            ),
+            (b"3\r\nabc\r\n0\r\nthis is not a field\r\n\r\n", trailer),
+            (b"0\r\nx-a: 1\nx-b: 2\r\n\r\n", bare_lf),
+            (b"0\r\n: empty name\r\n\r\n", trailer),
+            (b"0\r\nx-a : 1\r\n\r\n", trailer),
+            (b"0\r\n x-a: 1\r\n\r\n", trailer),
+            (b"0\r\nx-a: 1\r\n folded\r\n\r\n", trailer),
+            (b"0\r\nx-a: \x00\r\n\r\n", trailer),
+            (b"0\r\nx-a: a\rb\r\n\r\n", trailer),
+            (b"0\r\nx-a: \x7f\r\n\r\n", trailer),
         ] {
-            let (_, end) = decode_in_steps(wire, 100);
-            assert_eq!(end, Decoded::Invalid(why), "{:?}", String::from_utf8_lossy(wire));
+            let (_, end) = decode_bytewise_and_whole(wire);
+            let text = String::from_utf8_lossy(wire);
+            assert_eq!(end, Decoded::Invalid(why), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_lines_follow_rfc_9112() {
+        for wire in [
+            &b"3\r\nabc\r\n0\r\n\r\n"[..],
+            b"03\r\nabc\r\n000\r\n\r\n",
+            b"3;a\r\nabc\r\n0;b\r\n\r\n",
+            b"3 ;a\r\nabc\r\n0\r\n\r\n",
+            b"3\t; a = b ;c=\"q \\\" ;\t\x80\"\r\nabc\r\n0\r\n\r\n",
+            b"3;!#$%&'*+-.^_`|~09azAZ=x\r\nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nx-a: 1\r\nx-b:\r\nx-c:\ta b\x80\t\r\n\r\n",
+        ] {
+            assert_eq!(
+                decode_bytewise_and_whole(wire),
+                (b"abc".to_vec(), Decoded::End)
+            );
+        }
+        // The largest size that fits u64 is a size; leading zeros do not count.
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::from(&b"00000ffffffffffffffff\r\n"[..]);
+        assert_eq!(state.decode(&mut buf, 64), Decoded::More);
+        assert!(matches!(state, Chunk::Data(u64::MAX)));
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"18446744073709551615"), None);
+        assert_eq!(
+            parse_length(b"1844674407370955161"),
+            Some(1844674407370955161)
+        );
+        for bad in [
+            &b""[..],
+            b"+2",
+            b"-1",
+            b" 1",
+            b"1 ",
+            b"0x10",
+            b"1e3",
+            b"\xd9\xa3",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -390,19 +390,30 @@ async fn requests_only_ever_reach_the_configured_upstream() {
     let rec = h.mock.state.last_request().expect("reached the upstream");
     assert_eq!(rec.headers["host"], upstream_authority.as_str());
 
-    // Two Host headers: the first is checked, both are replaced.
-    let r = raw_exchange(
-        p,
-        format!(
-            "GET /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: {c}\r\nConnection: close\r\n\r\n"
+    // Two Host headers, in either order (RFC 9112 section 3.2), or none in HTTP/1.1: 400,
+    // nothing forwarded.
+    h.mock.state.clear_recorded();
+    for (what, hosts) in [
+        (
+            "two Host headers",
+            format!("Host: 127.0.0.1\r\nHost: {c}\r\n"),
+        ),
+        (
+            "two Host headers, reversed",
+            format!("Host: {c}\r\nHost: 127.0.0.1\r\n"),
+        ),
+        ("no Host header", String::new()),
+    ] {
+        let r = raw_exchange(
+            p,
+            format!("GET /tasking/products/ HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
-        .as_bytes(),
-    )
-    .await;
-    assert_one_response(&r, 200, "two Host headers");
-    let rec = h.mock.state.last_request().unwrap();
-    assert_eq!(rec.headers.get_all("host").iter().count(), 1);
-    assert_eq!(rec.headers["host"], upstream_authority.as_str());
+        .await;
+        assert_one_response(&r, 400, what);
+        assert!(r.contains("x-aleph-proxy-error: bad_request"), "{r}");
+    }
+    assert_eq!(recorded_paths(&h.mock), Vec::<String>::new());
 
     // A Host naming another name on a loopback listener is the DNS-rebinding case: 403.
     let r = raw_exchange(
@@ -1181,6 +1192,68 @@ async fn smuggling_attempts_never_reach_the_upstream() {
     assert_eq!(rec.body.as_ref(), b"hello");
 }
 
+/// Chunked request bodies that break RFC 9112 section 7.1, the ways parsers have been made to
+/// disagree on where a body ends ("funky chunks"): a size line without digits, a bare LF or
+/// control bytes in a chunk extension, whitespace after the size, a bare LF before or in the
+/// trailers, trailer lines that are not fields. Each gets the proxy's 400 and a closed
+/// connection; neither the request nor what follows it reaches the upstream.
+#[tokio::test]
+async fn malformed_chunked_bodies_get_400_and_reach_no_upstream() {
+    let h = Harness::start(FIXED).await;
+    h.ready().await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let post = "POST /echo/x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (what, body) in [
+        ("a size line without digits", format!("\r\n\r\n{smuggled}")),
+        (
+            "a bare LF in an extension",
+            "3;x\nabc\r\nxyz\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "control bytes in an extension",
+            "3;\x00\x01\x7f\r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "whitespace after the size",
+            "3 \t \r\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "a bare LF ending the size line",
+            "3\nabc\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "a bare LF ending the trailers",
+            format!("3\r\nabc\r\n0\r\n\n{smuggled}"),
+        ),
+        (
+            "a trailer line that is no field",
+            "3\r\nabc\r\n0\r\nthis is not a field\r\n\r\n".to_string(),
+        ),
+        (
+            "a folded trailer line",
+            "3\r\nabc\r\n0\r\nx-a: 1\r\n b\r\n\r\n".to_string(),
+        ),
+    ] {
+        let r = raw_exchange(h.proxy, format!("{post}{body}").as_bytes()).await;
+        assert_one_response(&r, 400, what);
+        assert!(
+            r.contains("x-aleph-proxy-error: bad_request"),
+            "{what}:\n{r}"
+        );
+    }
+    assert_eq!(h.mock.state.api_requests.load(Ordering::SeqCst), 0);
+    // Extensions and trailers that follow the grammar pass.
+    let r = raw_exchange(
+        h.proxy,
+        format!("{post}3 ; a=b;c=\"d e\"\r\nabc\r\n0\r\nx-a: 1\r\n\r\n")
+            .replace("HTTP/1.1\r\nHost", "HTTP/1.1\r\nConnection: close\r\nHost")
+            .as_bytes(),
+    )
+    .await;
+    assert_one_response(&r, 200, "a well-formed chunked body");
+    assert_eq!(h.mock.state.last_request().unwrap().body.as_ref(), b"abc");
+}
+
 /// Bytes no HTTP/1.1 parser should accept in a request head: 400 (or a close), never a crash, and
 /// nothing reaches the upstream.
 #[tokio::test]
@@ -1355,8 +1428,8 @@ async fn warnings_of_a_request_carry_its_id_at_warn_level() {
     );
 }
 
-/// Request heads over `limits.max_request_header_bytes`, or with too many fields, get 431 (or a
-/// close); nothing reaches the upstream.
+/// Request heads over `limits.max_request_header_bytes`, or with too many fields, get 431, and a
+/// request line over it 414 (or a close); nothing reaches the upstream.
 #[tokio::test]
 async fn oversized_headers_get_431_and_reach_no_upstream() {
     let h = Harness::start(&format!(
@@ -1375,16 +1448,19 @@ async fn oversized_headers_get_431_and_reach_no_upstream() {
             "300 fields",
             format!("GET /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n"),
         ),
-        (
-            "a 20 KiB target",
-            format!("GET /tasking/products/?q={big} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
-        ),
     ] {
         let mut s = TcpStream::connect(h.proxy).await.unwrap();
         let _ = s.write_all(request.as_bytes()).await;
         let r = read_to_close(&mut s).await;
         assert_one_response(&r, 431, what);
     }
+    // A request line alone over the limit: 414 (RFC 9112 section 3).
+    let r = raw_exchange(
+        h.proxy,
+        format!("GET /tasking/products/?q={big} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_one_response(&r, 414, "a 20 KiB target");
     // Under the limit is fine.
     let fits = "a".repeat(8 * 1024);
     let r = raw_exchange(

@@ -397,16 +397,23 @@ fn large_response(len: usize, announced: usize) -> &'static [u8] {
     Box::leak(v.into_boxed_slice())
 }
 
+/// A chunked 200 with `len` body bytes in chunks of 1 MiB (leaked like [`large_response`]).
+fn large_chunked_response(len: usize) -> &'static [u8] {
+    let mut v =
+        b"HTTP/1.1 200 OK\r\ncontent-type: image/tiff\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for chunk in pattern(len).chunks(1024 * 1024) {
+        v.extend(format!("{:x}\r\n", chunk.len()).bytes());
+        v.extend(chunk);
+        v.extend(b"\r\n");
+    }
+    v.extend(b"0\r\n\r\n");
+    Box::leak(v.into_boxed_slice())
+}
+
 /// The proxy's `aleph_proxy_spliced_bytes_total`.
 async fn spliced(h: &support::Harness) -> u64 {
-    h.metrics()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix("aleph_proxy_spliced_bytes_total "))
-        .expect("aleph_proxy_spliced_bytes_total is exported")
-        .trim()
-        .parse()
-        .unwrap()
+    h.metric("aleph_proxy_spliced_bytes_total").await as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,5 +571,177 @@ async fn an_upstream_answer_before_the_upload_is_read_reaches_the_client() {
                 "{text}"
             );
         }
+    }
+}
+
+/// A client that stops reading its response holds nothing longer than `timeouts.body_idle`: the
+/// response is cut, the connection closed, its in-flight slot freed and its upstream connection
+/// closed, whether the body moves socket to socket (a Content-Length) or through the proxy
+/// (chunked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_body_idle() {
+    // Far more than the socket buffers between the upstream and the client hold.
+    const LEN: usize = 32 * 1024 * 1024;
+    let length = large_response(LEN, LEN);
+    let chunked = large_chunked_response(LEN);
+    let up = Upstream::start(move |line, _| match line {
+        "GET /length" => Step::Reply(length),
+        "GET /chunked" => Step::Reply(chunked),
+        _ => Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    })
+    .await;
+    // One request in flight at most: a client holding its slot would refuse every other one.
+    let h = proxy_at(
+        up.addr,
+        "[timeouts]\nbody_idle = \"300ms\"\n[limits]\nmax_in_flight = 1\n",
+    )
+    .await;
+    for (i, path) in ["/length", "/chunked"].into_iter().enumerate() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let (mut rd, mut wr) = sock.connect(h.proxy).await.unwrap().into_split();
+        wr.write_all(format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", h.proxy).as_bytes())
+            .await
+            .unwrap();
+        // The response has begun; the client reads no more of it.
+        let head = read_until(&mut rd, |r| r.windows(4).any(|w| w == b"\r\n\r\n")).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        eventually(std::time::Duration::from_secs(20), || async {
+            h.in_flight().await == 0
+        })
+        .await;
+        assert_eq!(
+            get_text(&h.url("/small")).await,
+            (200, "ok".into()),
+            "{path}"
+        );
+        let closed = up.closed.clone();
+        eventually(std::time::Duration::from_secs(20), || {
+            let closed = closed.clone();
+            async move { closed.load(Ordering::SeqCst) == i + 1 }
+        })
+        .await;
+        // The client's connection is over: what it reads now ends short of the body.
+        let rest = read_until(&mut rd, |_| false).await;
+        assert!(
+            head.len() + rest.len() < LEN,
+            "{path}: the response was cut"
+        );
+    }
+}
+
+/// A chunked response body that breaks RFC 9112 section 7.1 (a size line without digits, a bare
+/// LF or a control byte in an extension, a trailer line that is not a field) cuts the client's
+/// response, and its connection is not used again.
+#[tokio::test]
+async fn broken_chunked_response_bodies_are_cut_and_their_connection_is_not_reused() {
+    let up = Upstream::start(|line, _| {
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let body: &str = match line {
+            "GET /no-digits" => "5\r\nhello\r\n\r\n\r\n",
+            "GET /bare-lf" => "3;x\nabc\r\nxyz\r\n0\r\n\r\n",
+            "GET /control" => "3;\x00\x01\x7f\r\nabc\r\n0\r\n\r\n",
+            "GET /space" => "3 \r\nabc\r\n0\r\n\r\n",
+            "GET /trailer" => "3\r\nabc\r\n0\r\nthis is not a field\r\n\r\n",
+            "GET /trailer-lf" => "3\r\nabc\r\n0\r\n\nx-a: 1\r\n\r\n",
+            _ => return Step::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        };
+        Step::Reply(format!("{head}{body}").leak().as_bytes())
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let paths = [
+        "/no-digits",
+        "/bare-lf",
+        "/control",
+        "/space",
+        "/trailer",
+        "/trailer-lf",
+    ];
+    for (i, path) in paths.into_iter().enumerate() {
+        // The head may or may not have left before the body failed; either way the client must
+        // not get what looks like a complete response.
+        if let Ok(r) = client().get(h.url(path)).send().await {
+            assert_eq!(r.status(), 200, "{path}");
+            assert!(r.bytes().await.is_err(), "{path}: the body must be cut");
+        }
+        assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()), "{path}");
+        assert_eq!(
+            up.conns.load(Ordering::SeqCst),
+            i + 2,
+            "{path}: its connection was not reused"
+        );
+    }
+}
+
+/// Framing the proxy cannot pass on is its 502: a Transfer-Encoding other than exactly chunked
+/// (the proxy decodes no other coding, and re-framed bytes would reach the client still coded
+/// and undeclared), a Content-Length that is not digits only, a head over 64 KiB.
+#[tokio::test]
+async fn upstream_framing_the_proxy_cannot_pass_on_is_a_502() {
+    let fields: String = (0..95)
+        .map(|i| format!("x-f{i}: {}\r\n", "a".repeat(1000)))
+        .collect();
+    let big_head: &'static str =
+        format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok").leak();
+    let up = Upstream::start(move |line, _| {
+        Step::Reply(match line {
+            "GET /gzip-chunked" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            }
+            "GET /chunked-gzip" => {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            }
+            "GET /gzip" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nhello",
+            "GET /plus-length" => b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+            "GET /big-head" => big_head.as_bytes(),
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        })
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for path in [
+        "/gzip-chunked",
+        "/chunked-gzip",
+        "/gzip",
+        "/plus-length",
+        "/big-head",
+    ] {
+        let r = client().get(h.url(path)).send().await.unwrap();
+        let (status, code) = proxy_error(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (502, "upstream_unreachable"),
+            "{path}"
+        );
+    }
+    assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()));
+}
+
+/// The status line carries the registered reason of its code, and none for a code without one
+/// (the upstream's own phrase is not kept).
+#[tokio::test]
+async fn statuses_without_a_registered_reason_get_an_empty_one() {
+    let up = Upstream::start(|line, _| {
+        Step::Reply(match line {
+            "GET /custom" => b"HTTP/1.1 299 Custom Thing\r\ncontent-length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 404 Gone Fishing\r\ncontent-length: 2\r\n\r\nok",
+        })
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    for (path, line) in [
+        ("/custom", "HTTP/1.1 299 \r\n"),
+        ("/missing", "HTTP/1.1 404 Not Found\r\n"),
+    ] {
+        let (mut rd, mut wr) = TcpStream::connect(h.proxy).await.unwrap().into_split();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            h.proxy
+        );
+        wr.write_all(request.as_bytes()).await.unwrap();
+        let text = read_until(&mut rd, |_| false).await;
+        assert!(text.starts_with(line), "{text}");
+        assert!(text.ends_with("\r\n\r\nok"), "{text}");
     }
 }

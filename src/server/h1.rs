@@ -3,22 +3,30 @@
 //! One task per connection reads a request head, calls the handler, and writes the response
 //! while it is polled for body data; the request body is read from the socket when the handler
 //! (the upstream writer) asks for the next chunk. There is no dispatch channel and no timer per
-//! request: the header and keep-alive timeouts share one timer per connection, which only moves
-//! when it fires. BENCHMARKS.md has what that bought against hyper's server connection.
+//! request: the header, keep-alive and write timeouts share one timer per connection, which only
+//! moves when it fires (the write timeout only when a write has to wait). BENCHMARKS.md has what
+//! that bought against hyper's server connection.
 //!
 //! Parsing is httparse's (the parser inside hyper). The message framing of RFC 9112 section 6
 //! and its request-smuggling defences are here:
-//! - a head larger than `limits.max_request_header_bytes` or with more than 100 fields: 431;
+//! - a request line longer than `limits.max_request_header_bytes`: 414;
+//! - a head larger than that or with more than 100 fields: 431;
 //! - anything httparse refuses (bad bytes, obs-fold, spaces before the colon): 400;
+//! - an HTTP/1.1 request without Host, or any request with more than one Host field: 400;
 //! - Transfer-Encoding other than exactly `chunked`, or in an HTTP/1.0 request: 400;
 //! - Transfer-Encoding with Content-Length: read as chunked, the length dropped, the connection
 //!   closed after the response (RFC 9112 6.3);
-//! - differing Content-Lengths (repeated or as a list), or one that is not a number: 400;
-//! - a bad chunk size fails the body: the proxy answers 400 and closes the connection.
+//! - differing Content-Lengths (repeated or as a list), or one that is not digits only: 400;
+//! - a chunked body that breaks RFC 9112 section 7.1 to the letter (a chunk-size line without
+//!   digits, with bytes other than extensions after the size, a trailer line that is not a field
+//!   line, a line ending in a bare LF: `crate::http1`) fails the body: the proxy answers 400 and
+//!   closes the connection.
 //!
 //! Every refusal is the proxy's JSON error and closes the connection; nothing of a refused
 //! request reaches the handler. An HTTP/2 preface and a head that never completes (timeout, end
-//! of stream) are closed without an answer.
+//! of stream) are closed without an answer. A client that takes nothing of its response for
+//! `timeouts.body_idle` has the response cut and the connection reset, which frees the request's
+//! in-flight slot and closes its upstream connection.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -37,7 +45,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
-use crate::http1::{span, take, Chunk, Decoded};
+use crate::http1::{parse_length, span, take, Chunk, Decoded};
 use crate::splice;
 
 /// Request header fields at most (hyper's limit); more is a 431.
@@ -73,6 +81,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Request heads larger than this are refused with 431.
     pub max_head: usize,
+    /// A response write the client takes nothing of for this long cuts the response and closes
+    /// the connection (`timeouts.body_idle`, the pause allowed between body chunks).
+    pub body_idle: Duration,
 }
 
 /// The client's request body failed: cut short, malformed framing, or read after its request
@@ -252,6 +263,8 @@ enum Refusal {
     Bad(String),
     /// 431.
     TooLarge,
+    /// 414: the request line alone is longer than the head may be.
+    TargetTooLong,
     /// Closed without an answer (an HTTP/2 preface).
     Silent,
 }
@@ -271,6 +284,22 @@ fn bad(detail: impl Into<String>) -> Refusal {
     Refusal::Bad(detail.into())
 }
 
+/// A head over `max_head` bytes: 414 when its request line alone is (RFC 9112 section 3), else
+/// 431.
+fn too_large(buf: &[u8], max_head: usize) -> Refusal {
+    // Empty lines before the request line are skipped by the parser, and by this count.
+    let start = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let window = &buf[start..buf.len().min(start + max_head)];
+    if memchr::memchr(b'\n', window).is_none() {
+        Refusal::TargetTooLong
+    } else {
+        Refusal::TooLarge
+    }
+}
+
 /// Parses a complete request head off the front of `buf`; None when more bytes are needed.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refusal> {
     // Uninitialised: zeroing 100 slots would cost more than parsing a small head.
@@ -278,7 +307,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut req = httparse::Request::new(&mut []);
     let n = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > max_head => {
+            return Err(too_large(buf, max_head))
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
         Err(httparse::Error::Version) if buf.starts_with(b"PRI * HTTP/2.0") => {
@@ -287,7 +318,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         Err(e) => return Err(bad(format!("malformed request head: {e}"))),
     };
     if n > max_head {
-        return Err(Refusal::TooLarge);
+        return Err(too_large(buf, max_head));
     }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| bad("malformed request method"))?;
@@ -320,11 +351,14 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut cl_values = 0u32;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     let mut expect_continue = false;
+    let mut hosts = 0u32;
     for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
             .map_err(|_| bad("malformed request header name"))?;
         let raw = &bytes[vs as usize..ve as usize];
-        if name == header::CONNECTION {
+        if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
             let mut names_fields = false;
             for t in raw.split(|b| *b == b',').map(|t| t.trim_ascii()) {
                 let close = t.eq_ignore_ascii_case(b"close");
@@ -362,6 +396,13 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
             .map_err(|_| bad("malformed request header value"))?;
         headers.append(name, value);
+    }
+    // RFC 9112 section 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+    if hosts > 1 {
+        return Err(bad("more than one Host header field"));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(bad("an HTTP/1.1 request needs a Host header field"));
     }
 
     let mut keep_alive = if version == Version::HTTP_11 {
@@ -408,14 +449,6 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         keep_alive,
         expect_continue,
     }))
-}
-
-/// A Content-Length: digits only (`+5` and `-1` are refused), within u64.
-fn parse_length(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(s).ok()?.parse().ok()
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -488,6 +521,52 @@ enum WriteFailed {
     Io,
     /// The response body failed midway: the client must see a cut, not a complete response.
     Body,
+    /// The client took nothing of a write for `limits.body_idle`.
+    Stalled,
+}
+
+/// Bounds the wait of one client write (flush, vectored write, splice) by `limits.body_idle`
+/// without progress, on the connection's one timer. A write that completes at once (the usual
+/// case) costs nothing more: the clock is read and the timer moved only when a write has to
+/// wait after some progress.
+struct Stall<'a> {
+    deadline: &'a mut Deadline,
+    idle: Duration,
+    /// The deadline is set for the current wait.
+    waiting: bool,
+}
+
+impl<'a> Stall<'a> {
+    fn new(deadline: &'a mut Deadline, idle: Duration) -> Stall<'a> {
+        Stall {
+            deadline,
+            idle,
+            waiting: false,
+        }
+    }
+
+    /// The client took some bytes.
+    fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// The write has to wait: true when it has waited `idle` since the last progress.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            self.deadline.set(Instant::now() + self.idle);
+        }
+        self.deadline.poll_expired(cx)
+    }
+
+    /// What a pending write gives its poll: Pending, or the stall once it expired.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, WriteFailed>> {
+        if self.expired(cx) {
+            Poll::Ready(Err(WriteFailed::Stalled))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 struct Conn {
@@ -595,6 +674,7 @@ pub async fn serve<H, F>(
         {
             Ok(kept) => kept,
             Err(WriteFailed::Io) => return,
+            Err(WriteFailed::Stalled) => return conn.abort(),
             Err(WriteFailed::Body) => false,
         };
         if !kept {
@@ -741,7 +821,8 @@ impl Conn {
         w.extend_from_slice(b"HTTP/1.1 ");
         w.extend_from_slice(status.as_str().as_bytes());
         w.push(b' ');
-        w.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+        // A status without a registered reason gets an empty one (the upstream's is not kept).
+        w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         w.extend_from_slice(b"\r\n");
         let mut has_date = false;
         for (name, value) in headers.iter() {
@@ -876,17 +957,29 @@ impl Conn {
     ) -> Result<u64, WriteFailed> {
         self.flush().await?;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let mut moved = 0u64;
         let r = poll_fn(|cx| {
             let g = lock(io);
-            splice::poll_copy(cx, &mut pipe, body, g.wr.as_ref(), &mut moved)
+            let before = moved;
+            let r = splice::poll_copy(cx, &mut pipe, body, g.wr.as_ref(), &mut moved);
+            if moved != before {
+                stall.progressed();
+            }
+            // Pending with bytes in the pipe is a wait for the client; with none, for the
+            // upstream (whose pauses the body bounds).
+            if r.is_pending() && pipe.held() > 0 && stall.expired(cx) {
+                return Poll::Ready(None);
+            }
+            r.map(Some)
         })
         .await;
         metrics::counter!("aleph_proxy_spliced_bytes_total").increment(moved);
         match r {
-            Ok(()) => Ok(moved),
-            Err(splice::CopyError::Destination(_)) => Err(WriteFailed::Io),
-            Err(splice::CopyError::Source(e)) => {
+            Some(Ok(())) => Ok(moved),
+            None => Err(WriteFailed::Stalled),
+            Some(Err(splice::CopyError::Destination(_))) => Err(WriteFailed::Io),
+            Some(Err(splice::CopyError::Source(e))) => {
                 tracing::debug!(error = %e, "response body failed; cutting the response");
                 Err(WriteFailed::Body)
             }
@@ -898,12 +991,17 @@ impl Conn {
         let mut from = 0;
         let out = &self.out;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let r = poll_fn(|cx| {
             let mut g = lock(io);
             while from < out.len() {
-                match ready!(Pin::new(&mut g.wr).poll_write(cx, &out[from..])) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(WriteFailed::Io)),
-                    Ok(n) => from += n,
+                match Pin::new(&mut g.wr).poll_write(cx, &out[from..]) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed::Io)),
+                    Poll::Ready(Ok(n)) => {
+                        from += n;
+                        stall.progressed();
+                    }
+                    Poll::Pending => return stall.pending(cx),
                 }
             }
             Poll::Ready(Ok(()))
@@ -918,6 +1016,7 @@ impl Conn {
         let (mut a, mut b) = (0, 0);
         let out = &self.out;
         let io = &self.io;
+        let mut stall = Stall::new(&mut self.deadline, self.limits.body_idle);
         let r = poll_fn(|cx| {
             let mut g = lock(io);
             while a < out.len() || b < data.len() {
@@ -925,14 +1024,16 @@ impl Conn {
                     std::io::IoSlice::new(&out[a..]),
                     std::io::IoSlice::new(&data[b..]),
                 ];
-                match ready!(Pin::new(&mut g.wr).poll_write_vectored(cx, &bufs)) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(WriteFailed::Io)),
-                    Ok(mut n) => {
+                match Pin::new(&mut g.wr).poll_write_vectored(cx, &bufs) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(WriteFailed::Io)),
+                    Poll::Ready(Ok(mut n)) => {
                         let first = n.min(out.len() - a);
                         a += first;
                         n -= first;
                         b += n;
+                        stall.progressed();
                     }
+                    Poll::Pending => return stall.pending(cx),
                 }
             }
             Poll::Ready(Ok(()))
@@ -1001,11 +1102,22 @@ impl Conn {
         .await;
     }
 
+    /// Drops a connection whose client stopped taking its response, with a reset: what the
+    /// kernel still holds for it is discarded, not sent on for as long as the client stays.
+    fn abort(self) {
+        tracing::debug!(
+            idle_secs = self.limits.body_idle.as_secs_f64(),
+            "the client took nothing of the response for timeouts.body_idle; closing the connection"
+        );
+        let _ = lock(&self.io).wr.as_ref().set_zero_linger();
+    }
+
     /// Answers a refused head with the proxy's JSON error, then closes.
     async fn refuse(mut self, refusal: Refusal) {
         let err = match refusal {
             Refusal::Silent => return,
             Refusal::TooLarge => ProxyError::HeadersTooLarge,
+            Refusal::TargetTooLong => ProxyError::TargetTooLong,
             Refusal::Bad(detail) => ProxyError::BadRequest { detail },
         };
         tracing::debug!(code = err.code(), detail = %err.message(), "request head refused");
@@ -1136,8 +1248,25 @@ mod tests {
                 "Done keep_alive=true",
             ),
             (
-                "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n".into(),
+                "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".into(),
                 "Done keep_alive=false",
+            ),
+            // RFC 9112 section 3.2: one Host in HTTP/1.1, at most one in HTTP/1.0.
+            (
+                "GET /x HTTP/1.1\r\n\r\n".into(),
+                "Bad(\"an HTTP/1.1 request needs a Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
+            ),
+            (
+                "GET /x HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n".into(),
+                "Bad(\"more than one Host header field\")",
             ),
             ("GET /x HTTP/1.1\r\nHost: a\r\n".into(), "partial"),
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(), "Silent"),
@@ -1193,6 +1322,18 @@ mod tests {
         assert!(matches!(parse_head(&mut buf, 8192), Err(Refusal::TooLarge)));
         buf.extend_from_slice(b"\r\n\r\n");
         assert!(matches!(parse_head(&mut buf, 8192), Err(Refusal::TooLarge)));
+        // A request line longer than the limit is a target too long (414), whole or not.
+        let mut buf = BytesMut::from(&b"\r\nGET /?q="[..]);
+        buf.extend_from_slice(&[b'a'; 9000]);
+        assert!(matches!(
+            parse_head(&mut buf, 8192),
+            Err(Refusal::TargetTooLong)
+        ));
+        buf.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(matches!(
+            parse_head(&mut buf, 8192),
+            Err(Refusal::TargetTooLong)
+        ));
     }
 
     #[test]

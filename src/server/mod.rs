@@ -54,6 +54,7 @@ impl ConnSettings {
                 header_timeout: config.timeouts.request_headers,
                 idle_timeout: config.timeouts.client_idle,
                 max_head: config.limits.max_request_header_bytes,
+                body_idle: config.timeouts.body_idle,
             }),
             drain_timeout: config.drain_timeout,
             cors,

@@ -5,12 +5,16 @@
 //! connection task and no channel between tasks: a request costs one wake-up per socket event.
 //! BENCHMARKS.md has what that bought against hyper's client connection.
 //!
-//! Parsing is httparse's (the parser inside hyper), for the status line, the headers and chunk
-//! sizes. This module holds the message framing of RFC 9112 section 6: a body delimited by
-//! Content-Length, by chunked transfer coding or by the connection closing, no body for HEAD,
-//! 1xx, 204 and 304. A response whose framing is ambiguous (Transfer-Encoding with
-//! Content-Length, differing Content-Lengths) is read as the RFC says and its connection is not
-//! reused, so a confused upstream cannot desynchronise the next request.
+//! Parsing is httparse's (the parser inside hyper), for the status line and the headers; the
+//! chunked coding is `crate::http1`'s. This module holds the message framing of RFC 9112 section
+//! 6: a body delimited by Content-Length, by chunked transfer coding or by the connection
+//! closing, no body for HEAD, 1xx, 204 and 304. A response with Transfer-Encoding and
+//! Content-Length is read as chunked, as the RFC says, and its connection is not reused, so a
+//! confused upstream cannot desynchronise the next request. A head over 64 KiB, a
+//! Transfer-Encoding other than exactly `chunked` (the proxy decodes no other coding, and the
+//! client must not get coded bytes undeclared), a Content-Length that is not digits only, and
+//! differing Content-Lengths fail the request (the proxy's 502). A broken chunked body cuts the
+//! client's response and its connection is not reused.
 
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -24,7 +28,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::{BoxError, PassBody};
-use crate::http1::{take, Chunk, Decoded};
+use crate::http1::{parse_length, take, Chunk, Decoded};
 
 /// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel).
 pub type Io = hyper_util::rt::TokioIo<
@@ -505,6 +509,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("invalid upstream response head: {e}")),
     };
+    // The reads before it are checked too, but one read can bring much more.
+    if n > MAX_HEAD {
+        return Err("upstream response head too large".into());
+    }
     let code = resp.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
@@ -526,8 +534,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
     // The fields that decide framing and reuse are read as the map is built: looking them up
     // afterwards would hash their names again, several times per response.
     let mut conn_close = false;
-    let mut te_seen = false;
-    let mut last_chunked = false;
+    let mut te_codings = 0u32;
+    let mut te_chunked_only = true;
     let mut cl_seen = false;
     let mut cl: Result<Option<u64>, &'static str> = Ok(None);
     for &(ns, ne, vs, ve) in spans {
@@ -552,18 +560,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
                 continue;
             }
         } else if name == header::TRANSFER_ENCODING {
-            te_seen = true;
-            last_chunked = raw
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            for c in raw.split(|b| *b == b',').map(|c| c.trim_ascii()) {
+                te_codings += 1;
+                te_chunked_only &= c.eq_ignore_ascii_case(b"chunked");
+            }
         } else if name == header::CONTENT_LENGTH {
             cl_seen = true;
             for part in raw.split(|b| *b == b',') {
-                let n = std::str::from_utf8(part.trim_ascii())
-                    .ok()
-                    .and_then(|p| p.parse::<u64>().ok());
-                cl = match (cl, n) {
+                cl = match (cl, parse_length(part.trim_ascii())) {
                     (Err(e), _) => Err(e),
                     (_, None) => Err("invalid upstream Content-Length"),
                     (Ok(Some(l)), Some(n)) if l != n => Err("differing upstream Content-Lengths"),
@@ -583,19 +587,19 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Str
         || status == StatusCode::NOT_MODIFIED
     {
         Kind::Length(0)
-    } else if te_seen {
+    } else if te_codings > 0 {
+        // Any other coding would reach the client undeclared once the proxy re-frames the body
+        // (Transfer-Encoding is hop-by-hop), and the proxy decodes none.
+        if !(te_chunked_only && te_codings == 1) {
+            return Err("upstream Transfer-Encoding other than chunked".into());
+        }
         // RFC 9112 6.1: Transfer-Encoding overrides Content-Length, and such a message must not
         // leave the connection reusable.
         if cl_seen {
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        if last_chunked {
-            Kind::Chunked(Chunk::Size)
-        } else {
-            keep_alive = false;
-            Kind::Close
-        }
+        Kind::Chunked(Chunk::Size)
     } else if cl_seen {
         Kind::Length(cl.map_err(str::to_string)?.unwrap_or(0))
     } else {
@@ -950,16 +954,37 @@ mod tests {
         );
         assert_eq!(kind("HTTP/1.1 200 OK\r\ncontent-length: 5"), "partial");
         assert_eq!(
-            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"),
             "chunked true"
         );
+        // Codings the proxy would pass on undeclared, and lists, are refused.
+        for te in [
+            "gzip, chunked",
+            "chunked, gzip",
+            "gzip",
+            "chunked, chunked",
+            "chunked\r\ntransfer-encoding: chunked",
+            "chunked,",
+            "identity",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert_eq!(
+                kind(&raw),
+                "error upstream Transfer-Encoding other than chunked",
+                "{te}"
+            );
+        }
+        // Not for a response without a body: its fields describe the body a GET would get.
+        assert!(matches!(
+            parse(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Method::HEAD
+            ),
+            Ok(Some((Kind::Length(0), true)))
+        ));
         assert_eq!(
             kind("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"),
             "chunked false"
-        );
-        assert_eq!(
-            kind("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            "close false"
         );
         assert_eq!(kind("HTTP/1.1 200 OK\r\n\r\n"), "close false");
         assert_eq!(
@@ -977,6 +1002,18 @@ mod tests {
         );
         assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n").starts_with("error"));
         assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").starts_with("error"));
+        assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n").starts_with("error"));
+        assert!(kind("HTTP/1.1 200 OK\r\ncontent-length: 0x2\r\n\r\n").starts_with("error"));
+        // A head over the limit is refused whole, however it arrived.
+        let fields: String = (0..90)
+            .map(|i| format!("x-f{i}: {}\r\n", "a".repeat(1000)))
+            .collect();
+        assert_eq!(
+            kind(&format!(
+                "HTTP/1.1 200 OK\r\n{fields}content-length: 0\r\n\r\n"
+            )),
+            "error upstream response head too large"
+        );
         assert!(kind("HTTP/1.1 200 OK\r\nbad header\r\n\r\n").starts_with("error"));
         assert!(matches!(
             parse("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", Method::HEAD),

@@ -121,6 +121,23 @@ impl Harness {
             .unwrap()
     }
 
+    /// The value of the proxy's metric `name`, one without labels.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} is not exported"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The proxy's `aleph_proxy_in_flight_requests` gauge.
+    pub async fn in_flight(&self) -> u64 {
+        self.metric("aleph_proxy_in_flight_requests").await as u64
+    }
+
     /// Number of token endpoint requests so far.
     pub fn token_fetches(&self) -> u64 {
         self.mock
