@@ -597,6 +597,12 @@ async fn a_client_that_stops_reading_is_cut_off_after_body_idle() {
     )
     .await;
     for (i, path) in ["/length", "/chunked"].into_iter().enumerate() {
+        // The slot of the previous round's small request is given back once its response is
+        // sent, which can be just after the client has read it.
+        eventually(std::time::Duration::from_secs(20), || async {
+            h.in_flight().await == 0
+        })
+        .await;
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let (mut rd, mut wr) = sock.connect(h.proxy).await.unwrap().into_split();
