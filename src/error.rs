@@ -23,6 +23,9 @@ pub enum ProxyError {
     NoContract { path: String, detail: String },
     /// The upstream could not be reached (refused, DNS, TLS).
     UpstreamUnreachable,
+    /// The upstream was reached but its answer cannot be passed on: the connection closed
+    /// before a response, or the response head or framing is invalid.
+    UpstreamBadResponse,
     /// The upstream did not answer in time.
     UpstreamTimeout,
     /// Too many requests in flight in the proxy.
@@ -44,7 +47,9 @@ impl ProxyError {
         match self {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoContract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable | ProxyError::UpstreamBadResponse => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -61,6 +66,7 @@ impl ProxyError {
             ProxyError::NoToken { .. } => "no_token",
             ProxyError::NoContract { .. } => "no_contract",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamBadResponse => "upstream_bad_response",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::BadRequest { .. } => "bad_request",
@@ -80,6 +86,7 @@ impl ProxyError {
                 "no X-Satellogic-Contract-Id applies to {path}: {detail}. Set contract.default, add a [[contract.routes]] rule, or send the header with contract.allow_client_override = true"
             ),
             ProxyError::UpstreamUnreachable => "aleph-proxy could not connect to the upstream API".into(),
+            ProxyError::UpstreamBadResponse => "the upstream API closed the connection without a response, or sent one aleph-proxy cannot pass on (its log says which)".into(),
             ProxyError::UpstreamTimeout => "the upstream API did not answer in time".into(),
             ProxyError::Overloaded { .. } => "aleph-proxy has too many requests in flight; retry later".into(),
             ProxyError::BadRequest { detail } => detail.clone(),
@@ -157,6 +164,11 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(ProxyError::UpstreamUnreachable.status(), 502);
+        assert_eq!(ProxyError::UpstreamBadResponse.status(), 502);
+        assert_eq!(
+            ProxyError::UpstreamBadResponse.code(),
+            "upstream_bad_response"
+        );
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
         assert_eq!(ProxyError::TargetTooLong.status(), 414);
         assert_eq!(ProxyError::TargetTooLong.code(), "request_target_too_long");

@@ -878,10 +878,12 @@ async fn an_upstream_that_goes_down_gives_502_and_comes_back() {
     h.ready().await;
     let c = client();
     assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+    // The mock's "down" accepts connections and closes them unanswered, as a load balancer with
+    // no healthy backend does: reached, but no response.
     h.mock.state.api_down.store(true, Ordering::SeqCst);
     let r = get(&c, h.url(PRODUCTS)).await;
     let (status, code) = proxy_error(r).await;
-    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    assert_eq!((status, code.as_str()), (502, "upstream_bad_response"));
     h.mock.state.api_down.store(false, Ordering::SeqCst);
     assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
 }

@@ -274,7 +274,7 @@ async fn differing_content_lengths_are_a_502_from_the_proxy() {
     let h = proxy_for(&up).await;
     let r = client().get(h.url("/x")).send().await.unwrap();
     let (status, code) = proxy_error(r).await;
-    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    assert_eq!((status, code.as_str()), (502, "upstream_bad_response"));
 }
 
 #[tokio::test]
@@ -376,7 +376,7 @@ async fn a_reused_connection_that_drops_a_request_is_retried_for_idempotent_meth
         .await
         .unwrap();
     let (status, code) = proxy_error(r).await;
-    assert_eq!((status, code.as_str()), (502, "upstream_unreachable"));
+    assert_eq!((status, code.as_str()), (502, "upstream_bad_response"));
     let posts = up.seen().iter().filter(|r| *r == "POST /order").count();
     assert_eq!(posts, 1, "a POST is never sent twice");
 }
@@ -717,7 +717,7 @@ async fn upstream_framing_the_proxy_cannot_pass_on_is_a_502() {
         let (status, code) = proxy_error(r).await;
         assert_eq!(
             (status, code.as_str()),
-            (502, "upstream_unreachable"),
+            (502, "upstream_bad_response"),
             "{path}"
         );
     }

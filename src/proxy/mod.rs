@@ -430,8 +430,10 @@ async fn forward(
                 tracing::warn!(error = %kind, "upstream request failed");
                 return Err(if timed_out(&e) || kind.contains("timed out") {
                     ProxyError::UpstreamTimeout
-                } else {
+                } else if connect {
                     ProxyError::UpstreamUnreachable
+                } else {
+                    ProxyError::UpstreamBadResponse
                 });
             }
             Ok(Ok(resp)) => resp,
@@ -442,7 +444,7 @@ async fn forward(
             let (rparts, rbody) = resp.into_parts();
             let text = read_small(rbody, MAX_401_BODY, shared.timeouts.body_idle).await;
             let Some(text) = text else {
-                return Err(ProxyError::UpstreamUnreachable);
+                return Err(ProxyError::UpstreamBadResponse);
             };
             let reason = if mentions_contract(&rparts.headers, &text) {
                 // A new token cannot fix a contract problem: pass it through, no loop.
