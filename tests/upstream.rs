@@ -295,6 +295,36 @@ async fn a_truncated_response_body_fails_the_clients_response() {
     }
 }
 
+/// An HTTP/1.0 client reads a body of unknown length until the connection closes, so a cut
+/// must reach it as a reset, never as the orderly close that ends a complete body.
+#[tokio::test]
+async fn a_cut_body_reaches_an_http_1_0_client_as_a_reset() {
+    let up = Upstream::start(|_, _| {
+        Step::ReplyAndClose(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    })
+    .await;
+    let h = proxy_for(&up).await;
+    let mut s = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the connection ends in time");
+    let e = end.expect_err("a reset, not an orderly close after a cut body");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
 #[tokio::test]
 async fn head_and_304_responses_have_no_body_and_keep_the_connection() {
     let up = Upstream::start(|req, _| {

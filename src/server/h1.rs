@@ -668,13 +668,17 @@ pub async fn serve<H, F>(
             && leftover != Leftover::Unread
             && !has_token(resp.headers(), header::CONNECTION, "close")
             && !cancel.is_cancelled();
+        // An HTTP/1.0 client reads a body of unknown length until the connection closes: when
+        // such a body fails midway, only a reset tells it the response was cut.
+        let until_close = version != Version::HTTP_11 && resp.body().size_hint().exact().is_none();
         let kept = match conn
             .write_response(resp, is_head, version, keep_alive)
             .await
         {
             Ok(kept) => kept,
             Err(WriteFailed::Io) => return,
-            Err(WriteFailed::Stalled) => return conn.abort(),
+            Err(WriteFailed::Stalled) => return conn.abort(Abort::Stalled),
+            Err(WriteFailed::Body) if until_close => return conn.abort(Abort::Cut),
             Err(WriteFailed::Body) => false,
         };
         if !kept {
@@ -684,6 +688,12 @@ pub async fn serve<H, F>(
             return conn.close(true).await;
         }
     }
+}
+
+/// Why a connection is reset ([`Conn::abort`]).
+enum Abort {
+    Stalled,
+    Cut,
 }
 
 #[derive(PartialEq)]
@@ -1102,14 +1112,37 @@ impl Conn {
         .await;
     }
 
-    /// Drops a connection whose client stopped taking its response, with a reset: what the
-    /// kernel still holds for it is discarded, not sent on for as long as the client stays.
-    fn abort(self) {
-        tracing::debug!(
-            idle_secs = self.limits.body_idle.as_secs_f64(),
-            "the client took nothing of the response for timeouts.body_idle; closing the connection"
-        );
-        let _ = lock(&self.io).wr.as_ref().set_zero_linger();
+    /// Drops the connection with a reset. A client that stopped taking its response: what the
+    /// kernel still holds for it is discarded, not sent on for as long as the client stays. A
+    /// response delimited by the close that failed midway: the reset is how the client learns
+    /// it was cut, where a plain close would look like its end.
+    fn abort(self, why: Abort) {
+        match why {
+            Abort::Stalled => tracing::debug!(
+                idle_secs = self.limits.body_idle.as_secs_f64(),
+                "the client took nothing of the response for timeouts.body_idle; closing the connection"
+            ),
+            Abort::Cut => tracing::debug!(
+                "the response body failed midway; resetting the connection so the client sees the cut"
+            ),
+        }
+        // Dropping the write half would shut it down first, and a FIN the client can read before
+        // the reset ends a body of unknown length cleanly: the stream is put back together and
+        // closed whole. (The request body may still hold the halves: then they close as they
+        // are, FIN then reset.)
+        match Arc::try_unwrap(self.io) {
+            Ok(io) => {
+                let io = io
+                    .into_inner()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Ok(stream) = io.rd.reunite(io.wr) {
+                    let _ = stream.set_zero_linger();
+                }
+            }
+            Err(io) => {
+                let _ = lock(&io).wr.as_ref().set_zero_linger();
+            }
+        }
     }
 
     /// Answers a refused head with the proxy's JSON error, then closes.
