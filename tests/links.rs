@@ -8,6 +8,16 @@ use support::{client, get_json, Harness};
 
 const ITEM: &str = "20240101_120000_SN00_L1D_0000";
 
+/// GET `path` through the proxy with this `Accept-Encoding`.
+async fn get_accepting(h: &Harness, path: &str, codings: &str) -> reqwest::Response {
+    client()
+        .get(h.url(path))
+        .header("accept-encoding", codings)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn drf_next_and_previous_point_back_at_the_proxy() {
     let h = Harness::start("").await;
@@ -83,12 +93,7 @@ async fn post_search_next_keeps_its_body_and_gets_the_proxy_href() {
 #[tokio::test]
 async fn gzip_bodies_are_decoded_rewritten_and_sent_with_a_correct_length() {
     let h = Harness::start("").await;
-    let r = client()
-        .get(h.url("/tasking/tasks/?limit=5"))
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
+    let r = get_accepting(&h, "/tasking/tasks/?limit=5", "gzip").await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("content-encoding").is_none());
     let len: usize = r.headers()["content-length"]
@@ -115,12 +120,7 @@ async fn codings_the_proxy_cannot_read_are_not_asked_of_the_upstream() {
         ("zstd", "identity"),
         ("gzip;q=0.5, br", "gzip;q=0.5, br"),
     ] {
-        let r = client()
-            .get(h.url("/tasking/tasks/?limit=5"))
-            .header("accept-encoding", sent)
-            .send()
-            .await
-            .unwrap();
+        let r = get_accepting(&h, "/tasking/tasks/?limit=5", sent).await;
         assert_eq!(r.status(), 200);
         let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(v["next"], h.url("/tasking/tasks/?limit=5&offset=5"));
@@ -221,12 +221,7 @@ async fn bodies_over_the_cap_stream_through_unchanged() {
     assert_eq!(too_large(&h).await, before + 1);
 
     // Compressed under the cap, past it once decoded: passed through as sent, and counted.
-    let r = client()
-        .get(h.url("/archive/stac/search?limit=20"))
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
+    let r = get_accepting(&h, "/archive/stac/search?limit=20", "gzip").await;
     assert_eq!(r.headers()["content-encoding"], "gzip");
     let gz = r.bytes().await.unwrap();
     assert!(gz.len() < 4000, "{} bytes compressed", gz.len());
