@@ -132,6 +132,11 @@ pub fn prepare_request(
 /// deflate and br. `identity` is always acceptable.
 const READABLE_CODINGS: [&str; 4] = ["gzip", "x-gzip", "deflate", "br"];
 
+/// The coding of an `Accept-Encoding` item (`gzip;q=0.5`: `gzip`).
+fn coding_of(item: &str) -> &str {
+    item.split(';').next().unwrap_or("").trim()
+}
+
 /// Keeps only the codings the proxy can read in the client's `Accept-Encoding`, so the upstream
 /// never answers in one it cannot (zstd, compression dictionaries): a JSON body in such a coding
 /// would reach the client with its upstream links unrewritten, and the client would follow them
@@ -144,29 +149,53 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
                 .iter()
                 .any(|c| coding.eq_ignore_ascii_case(c))
     };
-    let coding_of = |item: &str| item.split(';').next().unwrap_or("").trim().to_string();
+    let items = |v: &HeaderValue| -> Option<Vec<String>> {
+        Some(
+            v.to_str()
+                .ok()?
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
+    };
+    // `*;q=0` only takes codings away: it stays as it is.
+    let star_excludes = |item: &str| {
+        item.split(';').skip(1).any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        })
+    };
+    // Most clients (curl, GDAL, Python) name only readable codings: nothing to do, no allocation.
+    let fine = headers.get_all(header::ACCEPT_ENCODING).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').all(|item| {
+                let c = coding_of(item);
+                c.is_empty() || readable(c) || (c == "*" && star_excludes(item))
+            })
+        })
+    });
+    if fine {
+        return;
+    }
     let mut kept: Vec<String> = Vec::new();
-    let mut changed = false;
     let mut star: Option<String> = None;
     for value in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else {
-            changed = true;
-            continue;
-        };
-        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let coding = coding_of(item);
+        for item in items(value).unwrap_or_default() {
+            let coding = coding_of(&item);
             if coding == "*" {
-                changed = true;
-                star = Some(item[1..].trim().to_string());
-            } else if readable(&coding) {
-                kept.push(item.to_string());
-            } else {
-                changed = true;
+                if star_excludes(&item) {
+                    kept.push(item);
+                } else {
+                    star = Some(item[1..].trim().to_string());
+                }
+            } else if readable(coding) {
+                kept.push(item);
             }
         }
-    }
-    if !changed {
-        return;
     }
     if let Some(weight) = star {
         // The codings the client left to `*`: those it did not name itself.
@@ -188,17 +217,9 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     } else {
         kept.join(", ")
     };
-    match HeaderValue::try_from(value) {
-        Ok(v) => {
-            headers.insert(header::ACCEPT_ENCODING, v);
-        }
-        Err(_) => {
-            headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
-    }
+    let value =
+        HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static("identity"));
+    headers.insert(header::ACCEPT_ENCODING, value);
 }
 
 /// Prepares upstream response headers for the client.
@@ -327,7 +348,9 @@ mod tests {
         assert_eq!(narrowed(&["zstd"]), "identity");
         assert_eq!(narrowed(&["*"]), "gzip, deflate, br");
         assert_eq!(narrowed(&["br, *;q=0.1"]), "br, gzip;q=0.1, deflate;q=0.1");
-        assert_eq!(narrowed(&["x-gzip, *;q=0"]), "x-gzip, deflate;q=0, br;q=0");
+        // `*;q=0` only excludes: kept, and identity stays excluded as the client asked.
+        assert_eq!(narrowed(&["x-gzip, *;q=0"]), "x-gzip, *;q=0");
+        assert_eq!(narrowed(&["zstd, *;q=0"]), "*;q=0");
     }
 
     #[test]

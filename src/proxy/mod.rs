@@ -444,6 +444,10 @@ async fn forward(
             let (rparts, rbody) = resp.into_parts();
             let text = read_small(rbody, MAX_401_BODY, shared.timeouts.body_idle).await;
             let Some(text) = text else {
+                tracing::warn!(
+                    limit = MAX_401_BODY,
+                    "upstream 401 body failed, stalled or was larger than the limit"
+                );
                 return Err(ProxyError::UpstreamBadResponse);
             };
             let reason = if mentions_contract(&rparts.headers, &text) {

@@ -9,12 +9,15 @@
 //!   the credential may not use, a contract the API does not name in its body). A hold-off window
 //!   opens: 1 min, doubling with every further window up to 1 h. Within it, 401s on the paths
 //!   already seen that way are passed through without a fetch, and 401s on other paths may force
-//!   at most one fetch (so that a real revocation is still repaired at once, while a client
-//!   walking many refused paths cannot turn 401s into token fetches).
+//!   at most one fetch (so that a real revocation is repaired at once, while a client walking
+//!   many refused paths cannot turn 401s into token fetches). A window opened by that one fetch
+//!   does not get a fetch of its own: a revocation that follows waits for the window's end or the
+//!   scheduled refresh. That is the price of the bound (two fetches per window at most).
 //! - A forced refresh whose replay is accepted resets the next window's length and gives the
 //!   current window its one fetch back; the paths already seen stay known until the window ends.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -57,8 +60,10 @@ pub struct Forced {
     until: Option<Instant>,
     /// The length of the next window.
     next: Duration,
-    /// Paths whose 401 a newer token did not fix, within the window.
-    paths: HashSet<String>,
+    /// Paths whose 401 a newer token did not fix, within the window, kept as hashes: a path may
+    /// be as long as a request head (64 KiB), and 256 of them would be 16 MiB.
+    paths: HashSet<u64>,
+    hasher: RandomState,
     /// Whether the window's one fetch for a path not yet seen was used.
     spent: bool,
     /// The newest replay generation that opened a window (concurrent replays open one).
@@ -72,6 +77,7 @@ impl Default for Forced {
             until: None,
             next: FIRST_HOLDOFF,
             paths: HashSet::new(),
+            hasher: RandomState::new(),
             spent: false,
             counted: 0,
         }
@@ -90,7 +96,7 @@ impl Forced {
             self.spent = false;
         }
         let window = self.until.is_some();
-        if window && self.paths.contains(path) {
+        if window && self.paths.contains(&self.hasher.hash_one(path)) {
             return Decision::PassThrough;
         }
         if self.requested >= refused {
@@ -117,7 +123,7 @@ impl Forced {
     ) -> Replayed {
         if unauthorized {
             if self.paths.len() < MAX_PATHS {
-                self.paths.insert(path.to_owned());
+                self.paths.insert(self.hasher.hash_one(path));
             }
             if self.counted >= replayed {
                 return Replayed::Nothing;

@@ -499,7 +499,7 @@ impl TokenManager {
         self.updates.send_replace(generation);
     }
 
-    /// Forces the next refresh now (tests, `SIGHUP`-style rotations): the refresher fetches a new
+    /// Forces the next refresh now (tests, rotations): the refresher fetches a new
     /// token while the current one stays in use until replaced.
     pub fn rotate_now(&self) {
         let now = Instant::now();
