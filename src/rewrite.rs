@@ -703,14 +703,29 @@ impl Scan<'_> {
         let Some(new) = self.rw.rewrite_root_relative(raw, self.public_base) else {
             return Ok(());
         };
+        self.splice(start, end, &new, false, end);
+        Ok(())
+    }
+
+    /// Replaces the content of the string at `start..end`: `prefix`, JSON-escaped, then the
+    /// input's own bytes from `kept_from` to `end`.
+    fn splice(
+        &mut self,
+        start: usize,
+        end: usize,
+        prefix: &str,
+        escape_slash: bool,
+        kept_from: usize,
+    ) {
         if self.out.is_empty() {
+            // Rewritten URLs are rarely much longer than the originals: one allocation suffices.
             self.out.reserve(self.b.len() + self.b.len() / 16);
         }
         self.out.extend_from_slice(&self.b[self.copied..start]);
-        write_escaped(&mut self.out, &new, false);
+        write_escaped(&mut self.out, prefix, escape_slash);
+        self.out.extend_from_slice(&self.b[kept_from..end]);
         self.copied = end;
         self.count += 1;
-        Ok(())
     }
 
     /// Scans a string whose opening quote is at the cursor; if it is a value (`rewrite`) and an
@@ -754,15 +769,8 @@ impl Scan<'_> {
         // The suffix is copied in its original escaped form; the new prefix follows the document's
         // style for slashes so that `\/`-escaping emitters stay consistent.
         let escape_slash = escaped && raw.as_bytes()[..at].windows(2).any(|w| w == b"\\/");
-        if self.out.is_empty() {
-            // Rewritten URLs are rarely much longer than the originals: one allocation suffices.
-            self.out.reserve(b.len() + b.len() / 16);
-        }
-        self.out.extend_from_slice(&b[self.copied..start]);
-        write_escaped(&mut self.out, self.public_base, escape_slash);
-        self.out.extend_from_slice(&b[start + at..end]);
-        self.copied = end;
-        self.count += 1;
+        let base = self.public_base;
+        self.splice(start, end, base, escape_slash, start + at);
         Ok(())
     }
 }

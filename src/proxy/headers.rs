@@ -143,58 +143,35 @@ fn coding_of(item: &str) -> &str {
 /// around the proxy. `*` becomes the readable codings, with its weight. A header with nothing
 /// readable left becomes `identity`. One that names only readable codings is left as it is.
 pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
-    let readable = |coding: &str| {
-        coding.eq_ignore_ascii_case("identity")
-            || READABLE_CODINGS
-                .iter()
-                .any(|c| coding.eq_ignore_ascii_case(c))
-    };
-    let items = |v: &HeaderValue| -> Option<Vec<String>> {
-        Some(
-            v.to_str()
-                .ok()?
-                .split(',')
-                .map(str::trim)
-                .filter(|i| !i.is_empty())
-                .map(str::to_string)
-                .collect(),
-        )
-    };
-    // `*;q=0` only takes codings away: it stays as it is.
-    let star_excludes = |item: &str| {
-        item.split(';').skip(1).any(|p| {
-            p.trim()
-                .strip_prefix("q=")
-                .and_then(|q| q.parse::<f32>().ok())
-                .is_some_and(|q| q == 0.0)
-        })
+    let items = |headers: &HeaderMap| -> Vec<String> {
+        headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(str::to_string)
+            .collect()
     };
     // Most clients (curl, GDAL, Python) name only readable codings: nothing to do, no allocation.
-    let fine = headers.get_all(header::ACCEPT_ENCODING).iter().all(|v| {
+    let unchanged = headers.get_all(header::ACCEPT_ENCODING).iter().all(|v| {
         v.to_str().is_ok_and(|v| {
-            v.split(',').all(|item| {
-                let c = coding_of(item);
-                c.is_empty() || readable(c) || (c == "*" && star_excludes(item))
-            })
+            v.split(',')
+                .map(str::trim)
+                .all(|item| item.is_empty() || accepted(item) == Accepted::Keep)
         })
     });
-    if fine {
+    if unchanged {
         return;
     }
     let mut kept: Vec<String> = Vec::new();
     let mut star: Option<String> = None;
-    for value in headers.get_all(header::ACCEPT_ENCODING) {
-        for item in items(value).unwrap_or_default() {
-            let coding = coding_of(&item);
-            if coding == "*" {
-                if star_excludes(&item) {
-                    kept.push(item);
-                } else {
-                    star = Some(item[1..].trim().to_string());
-                }
-            } else if readable(coding) {
-                kept.push(item);
-            }
+    for item in items(headers) {
+        match accepted(&item) {
+            Accepted::Keep => kept.push(item),
+            Accepted::Star => star = Some(item[1..].trim().to_string()),
+            Accepted::Drop => {}
         }
     }
     if let Some(weight) = star {
@@ -220,6 +197,43 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     let value =
         HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static("identity"));
     headers.insert(header::ACCEPT_ENCODING, value);
+}
+
+/// What [`narrow_accept_encoding`] does with one item of the header.
+#[derive(Debug, PartialEq)]
+enum Accepted {
+    /// A readable coding, `identity`, or `*;q=0` (which only takes codings away).
+    Keep,
+    /// `*` with a weight above 0: spelled out as the readable codings.
+    Star,
+    /// A coding the proxy cannot read.
+    Drop,
+}
+
+fn accepted(item: &str) -> Accepted {
+    let coding = coding_of(item);
+    if coding == "*" {
+        let excludes = item.split(';').skip(1).any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        return if excludes {
+            Accepted::Keep
+        } else {
+            Accepted::Star
+        };
+    }
+    let readable = coding.eq_ignore_ascii_case("identity")
+        || READABLE_CODINGS
+            .iter()
+            .any(|c| coding.eq_ignore_ascii_case(c));
+    if readable {
+        Accepted::Keep
+    } else {
+        Accepted::Drop
+    }
 }
 
 /// Prepares upstream response headers for the client.
