@@ -38,8 +38,6 @@ pub enum ProxyError {
     HeadersTooLarge,
     /// The request line alone is longer than `limits.max_request_header_bytes`.
     TargetTooLong,
-    /// The proxy is shutting down.
-    ShuttingDown,
 }
 
 impl ProxyError {
@@ -56,7 +54,6 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::TargetTooLong => StatusCode::URI_TOO_LONG,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -73,7 +70,6 @@ impl ProxyError {
             ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::HeadersTooLarge => "request_headers_too_large",
             ProxyError::TargetTooLong => "request_target_too_long",
-            ProxyError::ShuttingDown => "shutting_down",
         }
     }
 
@@ -93,7 +89,6 @@ impl ProxyError {
             ProxyError::Forbidden { detail } => detail.clone(),
             ProxyError::HeadersTooLarge => "the request head is larger than aleph-proxy accepts (limits.max_request_header_bytes, at most 100 fields)".into(),
             ProxyError::TargetTooLong => "the request target is longer than aleph-proxy accepts (limits.max_request_header_bytes)".into(),
-            ProxyError::ShuttingDown => "aleph-proxy is shutting down".into(),
         }
     }
 
@@ -102,7 +97,6 @@ impl ProxyError {
             ProxyError::NoToken { retry_after } | ProxyError::Overloaded { retry_after } => {
                 Some(*retry_after)
             }
-            ProxyError::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -156,6 +156,20 @@ async fn refused_heads_get_the_proxys_json_error() {
     .await;
     h.ready().await;
     let big = "a".repeat(20 * 1024);
+    let refused = |metrics: String, code: &str| -> f64 {
+        let name = format!("aleph_proxy_errors_total{{code=\"{code}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let codes = [
+        "bad_request",
+        "request_headers_too_large",
+        "request_target_too_long",
+    ];
+    let before = h.metrics().await;
+    let before: Vec<f64> = codes.iter().map(|c| refused(before.clone(), c)).collect();
     for (request, status, code) in [
         (
             "GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rb\r\n\r\n".to_string(),
@@ -208,6 +222,15 @@ async fn refused_heads_get_the_proxys_json_error() {
         assert!(closed_by_proxy(&mut s).await);
     }
     assert_eq!(h.mock.state.api_requests.load(Ordering::SeqCst), 0);
+    // Counted as the proxy's own errors (the registry is shared by the tests of this binary:
+    // at least this test's refusals).
+    let after = h.metrics().await;
+    for ((code, before), refusals) in codes.iter().zip(before).zip([5.0, 1.0, 1.0]) {
+        assert!(
+            refused(after.clone(), code) >= before + refusals,
+            "{code}: {after}"
+        );
+    }
 }
 
 /// An upload the proxy refuses before reading it (here: a Host it does not serve). A small body

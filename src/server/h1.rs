@@ -1154,6 +1154,7 @@ impl Conn {
             Refusal::Bad(detail) => ProxyError::BadRequest { detail },
         };
         tracing::debug!(code = err.code(), detail = %err.message(), "request head refused");
+        metrics::counter!("aleph_proxy_errors_total", "code" => err.code()).increment(1);
         let resp = err.into_response();
         if self
             .write_response(resp, false, Version::HTTP_11, false)
