@@ -95,6 +95,22 @@ def cpu_ticks(pid, user_only=False):
     return int(fields[11]) + (0 if user_only else int(fields[12]))
 
 
+def waited_ns(pid):
+    """Nanoseconds the process's threads spent runnable but waiting for a CPU (the second field
+    of /proc/PID/task/TID/schedstat): time lost to other processes on the same core."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        pass
+    return total
+
+
 def status_kib(pid, key):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -139,6 +155,9 @@ class Proc:
     def hwm_mib(self):
         return sum(status_kib(p, "VmHWM") for p in self.measured()) / 1024
 
+    def waited_ms(self):
+        return sum(waited_ns(p) for p in self.measured()) / 1e6
+
     def rss_mib(self):
         return sum(status_kib(p, "VmRSS") for p in self.measured()) / 1024
 
@@ -173,7 +192,29 @@ def to_ms(s):
     return float(m.group(1)) * UNIT[m.group(2)]
 
 
-def wrk(port, conns, seconds, path="/json"):
+# wrk's done() hook: the finer percentiles of the same latency histogram `--latency` reports.
+# With a delay (pacing), every connection waits that long after each response before it sends
+# the next request: a lighter load than the closed loop, the same for every target.
+WRK_LUA = """
+{delay}
+done = function(summary, latency, requests)
+  io.write(string.format("percentiles p99.9=%d p99.99=%d max=%d\\n",
+    latency:percentile(99.9), latency:percentile(99.99), latency.max))
+end
+"""
+LUA_DIR = {"dir": None}  # the work directory, set by Bench
+
+
+def wrk_script(delay_ms):
+    path = os.path.join(LUA_DIR["dir"], f"wrk-{delay_ms}.lua")
+    if not os.path.exists(path):
+        delay = f"function delay() return {delay_ms} end" if delay_ms else ""
+        with open(path, "w") as f:
+            f.write(WRK_LUA.format(delay=delay))
+    return path
+
+
+def wrk(port, conns, seconds, path="/json", delay_ms=0):
     out = subprocess.run(
         pinned([
             "wrk",
@@ -181,6 +222,8 @@ def wrk(port, conns, seconds, path="/json"):
             f"-c{conns}",
             f"-d{seconds}s",
             "--latency",
+            "-s",
+            wrk_script(delay_ms),
             f"http://127.0.0.1:{port}{path}",
         ], "rest"),
         capture_output=True,
@@ -191,12 +234,15 @@ def wrk(port, conns, seconds, path="/json"):
     p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
+    fine = re.search(r"^percentiles p99.9=(\d+) p99.99=(\d+) max=(\d+)", out, re.M)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": rps,
         "p50": p50,
         "p99": p99,
+        # Lua's percentiles are in microseconds.
+        "p999": int(fine.group(1)) / 1000 if fine else None,
         "requests": total,
         "non2xx": int(bad.group(1)) if bad else 0,
         "socket_errors": errs.group(1).strip() if errs else "",
@@ -212,6 +258,7 @@ class Bench:
         self.work = tempfile.mkdtemp(prefix="aleph-bench.")
         # nginx workers started by root run as nobody and must read big.bin.
         os.chmod(self.work, 0o755)
+        LUA_DIR["dir"] = self.work
         self.procs = []
         self.targets = {}  # name -> (port, Proc or None)
 
@@ -374,7 +421,7 @@ class Bench:
 
     # ------------------------------------------------------------ runs
 
-    def measure(self, name, conns, seconds):
+    def measure(self, name, conns, seconds, delay_ms=0):
         port, p = self.targets[name]
         if p is not None:
             if not p.alive():
@@ -382,13 +429,19 @@ class Bench:
             p.reset_hwm()
             c0 = p.cpu_s()
             u0 = p.cpu_s(user_only=True)
-        r = wrk(port, conns, seconds)
+            w0 = p.waited_ms()
+        up0 = self.upstream.waited_ms()
+        r = wrk(port, conns, seconds, delay_ms=delay_ms)
+        # Run-queue waits: the target's threads, and the upstream's (which shares its core with
+        # wrk), during the run.
+        r["up_wait_ms"] = self.upstream.waited_ms() - up0
         if p is not None:
             r["cpu_s"] = p.cpu_s() - c0
             r["user_s"] = p.cpu_s(user_only=True) - u0
             r["hwm"] = p.hwm_mib()
+            r["wait_ms"] = p.waited_ms() - w0
         else:
-            r["cpu_s"] = r["user_s"] = r["hwm"] = None
+            r["cpu_s"] = r["user_s"] = r["hwm"] = r["wait_ms"] = None
         return r
 
     def load_rounds(self):
@@ -426,6 +479,21 @@ class Bench:
         for i in range(slices):
             order = names[i % len(names):] + names[: i % len(names)]
             out.append({n: self.measure(n, self.args.conns, seconds) for n in order})
+        return names, out
+
+    def paced(self, names, slices, seconds, delay_ms):
+        """A lighter load than the closed loop: every connection waits `delay_ms` after each
+        response. The same offered load for every target, and no core saturated: the latency
+        distribution of a proxy that is not the bottleneck."""
+        names = ["direct"] + [n for n in names if n in self.targets and n != "direct"]
+        for n in names:
+            wrk(self.targets[n][0], self.args.conns, 1, delay_ms=delay_ms)
+        out = []
+        for i in range(slices):
+            order = names[i % len(names):] + names[: i % len(names)]
+            out.append(
+                {n: self.measure(n, self.args.conns, seconds, delay_ms=delay_ms) for n in order}
+            )
         return names, out
 
     def many_connections(self, name, conns):
@@ -624,6 +692,46 @@ def report_paired(args, names, slices):
     return lines
 
 
+def report_paced(args, names, slices):
+    peers = [n for n in names if is_peer(n)]
+    lines = [
+        f"Paced slices: {len(slices)} slices of `wrk -t1 -c{args.conns} -d{args.paired_seconds}s` "
+        f"where every connection waits {args.paced_ms} ms after each response (the same lighter "
+        f"load on every target; no core saturated), on {', '.join(names)} back to back, the "
+        "order rotated every slice. Medians over the slices; wait = the target's run-queue wait "
+        "per slice (schedstat); the ratios to each peer are per slice, median [25th-75th "
+        "percentile], wins = slices where the target had the lower value.",
+        "",
+        "| target | req/s | p50 ms | p99 ms | p99.9 ms | run-queue wait ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in names:
+        rs = [sl[n] for sl in slices]
+        waits = [r["wait_ms"] for r in rs if r["wait_ms"] is not None]
+        p999 = [r["p999"] for r in rs if r["p999"] is not None]
+        lines.append(
+            f"| {n} | {med([r['rps'] for r in rs]):.0f} | {med([r['p50'] for r in rs]):.3f} | "
+            f"{med([r['p99'] for r in rs]):.3f} | {(format(med(p999), '.3f') if p999 else '-')} | "
+            f"{(format(med(waits), '.1f') if waits else '-')} |"
+        )
+    lines += [
+        "",
+        "| target vs peer | p50 ratio | p50 wins | p99 ratio | p99 wins | p99.9 ratio | p99.9 wins |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    fmt = "{:.3f} [{:.3f}-{:.3f}]"
+    for a in [n for n in names if n.startswith(("aleph-", "alt-"))]:
+        for b in peers:
+            cols = []
+            for key in ("p50", "p99", "p999"):
+                xs = [sl[a][key] / sl[b][key] for sl in slices if sl[a][key] and sl[b][key]]
+                cols.append(
+                    f"{fmt.format(*quantiles(xs))} | {sum(x < 1 for x in xs)}/{len(xs)}" if xs else "- | -"
+                )
+            lines.append(f"| {a} vs {b} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def report(args, bench, results, many, transfers):
     lines = []
     lines.append(f"aleph-proxy: {args.bin}" + (f"; alt: {args.alt_bin}" if args.alt_bin else ""))
@@ -666,6 +774,17 @@ def report(args, bench, results, many, transfers):
             f"{f(r['rps'] / direct['rps'] if direct else None, '.2f')} | {f(r['p99'] / direct['p99'] if direct else None, '.2f')} |"
             + (f" {r['bad']} non-2xx!" if r["bad"] else "")
         )
+    lines.append("")
+    lines.append(
+        "Waiting for a CPU (run-queue wait from /proc/PID/task/*/schedstat, median per run): "
+        "the target's threads, and the upstream's, which shares its core with wrk: "
+        + "; ".join(
+            f"{n} {med([r['wait_ms'] for r in rs]):.1f} / {med([r['up_wait_ms'] for r in rs]):.0f} ms"
+            if rs[0]["wait_ms"] is not None
+            else f"{n} - / {med([r['up_wait_ms'] for r in rs]):.0f} ms"
+            for n, rs in results.items()
+        )
+    )
     lines.append("")
     idle = [
         (n, p.idle_rss)
@@ -745,6 +864,15 @@ def main():
     )
     ap.add_argument("--paired-slices", type=int, default=30, help="0: no paired slices")
     ap.add_argument("--paired-seconds", type=int, default=2)
+    ap.add_argument(
+        "--paced-slices",
+        type=int,
+        default=10,
+        help="slices at a lighter load (direct and the --paired targets); 0: none",
+    )
+    ap.add_argument(
+        "--paced-ms", type=int, default=1, help="pause of each connection after each response"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument(
@@ -780,10 +908,17 @@ def main():
         paired = None
         if args.paired_slices:
             paired = bench.paired(args.paired.split(","), args.paired_slices, args.paired_seconds)
+        paced = None
+        if args.paced_slices:
+            paced = bench.paced(
+                args.paired.split(","), args.paced_slices, args.paired_seconds, args.paced_ms
+            )
         transfers = None if args.no_transfers else bench.transfers()
         lines = ["Machine:", ""] + machine() + [""] + report(args, bench, results, many, transfers)
         if paired and paired[1]:
             lines += [""] + report_paired(args, *paired)
+        if paced and paced[1]:
+            lines += [""] + report_paced(args, *paced)
         text = "\n".join(lines) + "\n"
         print()
         print(text)

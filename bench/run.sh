@@ -49,7 +49,7 @@ fi
 
 mkdir -p bench/out
 if [[ $smoke -eq 1 ]]; then
-    set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 --paired-slices 2 --paired-seconds 1 \
+    set -- --rounds 1 --duration 2 --download-mib 16 --upload-mib 16 --transfer-rounds 1 --paired-slices 2 --paired-seconds 1 --paced-slices 1 \
         --targets direct,aleph-w1,aleph-w2,nginx-w1,haproxy-w1,aleph-w1+json,nginx-w1+log \
         --paired aleph-w1,nginx-w1,haproxy-w1
 else
