@@ -377,6 +377,20 @@ async fn requests_only_ever_reach_the_configured_upstream() {
     assert_one_response(&r, 400, "CONNECT");
     assert!(r.contains("CONNECT is not supported"), "{r}");
 
+    // The proxy used as a forward proxy (HTTPS_PROXY, curl -x): the Host names the API, not
+    // the loopback, and the answer still says what is wrong rather than "DNS rebinding".
+    for request in [
+        "GET http://api.satellogic.com/contracts HTTP/1.1\r\nHost: api.satellogic.com\r\nConnection: close\r\n\r\n",
+        "CONNECT api.satellogic.com:443 HTTP/1.1\r\nHost: api.satellogic.com:443\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = raw_exchange(p, request.as_bytes()).await;
+        assert_one_response(&r, 400, request);
+        assert!(
+            r.contains("absolute-form") || r.contains("CONNECT is not supported"),
+            "{r}"
+        );
+    }
+
     // A Host with the canary's port passes the loopback Host guard (ports are not compared) and
     // is replaced by the upstream's authority.
     h.mock.state.clear_recorded();

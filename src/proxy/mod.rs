@@ -261,7 +261,9 @@ async fn serve(
     req: Request<Incoming>,
     rid: &HeaderValue,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    l.access.check(remote.ip(), req.headers())?;
+    // The request's form first: a client that takes the proxy for a forward proxy (HTTPS_PROXY,
+    // http_proxy) names the API's host, which the Host check would refuse as DNS rebinding;
+    // these 400s say what is wrong and forward nothing.
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest {
             detail: "CONNECT is not supported: aleph-proxy is a reverse proxy for one API, not a forward proxy".into(),
@@ -279,6 +281,7 @@ async fn serve(
             detail: "only request targets that start with '/' are forwarded".into(),
         });
     }
+    l.access.check(remote.ip(), req.headers())?;
     let permit = match l.shared.in_flight.clone().try_acquire_owned() {
         Ok(p) => InFlight::new(p),
         Err(_) => {
