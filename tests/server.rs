@@ -216,6 +216,8 @@ async fn refused_heads_get_the_proxys_json_error() {
         assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
         assert_eq!(header(&head, "x-aleph-proxy-error"), Some(code), "{head}");
         assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+        // A fresh id, as on every response of the proxy.
+        assert_eq!(header(&head, "x-request-id").map(str::len), Some(32), "{head}");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["source"], "aleph-proxy");
         assert_eq!(v["error"]["code"], code);

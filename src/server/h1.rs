@@ -1153,9 +1153,20 @@ impl Conn {
             Refusal::TargetTooLong => ProxyError::TargetTooLong,
             Refusal::Bad(detail) => ProxyError::BadRequest { detail },
         };
-        tracing::debug!(code = err.code(), detail = %err.message(), "request head refused");
         metrics::counter!("aleph_proxy_errors_total", "code" => err.code()).increment(1);
-        let resp = err.into_response();
+        // A head that was not read whole carries no usable id: a fresh one, in the answer and
+        // in the log line, as for every other response the proxy makes.
+        let rid = crate::proxy::headers::request_id(&HeaderMap::new());
+        tracing::info!(
+            request_id = rid.to_str().unwrap_or_default(),
+            status = err.status().as_u16(),
+            code = err.code(),
+            detail = %err.message(),
+            "request head refused"
+        );
+        let mut resp = err.into_response();
+        resp.headers_mut()
+            .insert(crate::proxy::headers::REQUEST_ID, rid);
         if self
             .write_response(resp, false, Version::HTTP_11, false)
             .await

@@ -173,8 +173,9 @@ pub enum FetchError {
     Credentials(String),
     #[error("token endpoint is rate limiting (429)")]
     RateLimited { retry_after: Option<Duration> },
+    /// The status, and the endpoint's RFC 6749 error code when it sent one.
     #[error("token endpoint answered {0}")]
-    Status(u16),
+    Status(String),
     #[error("token endpoint answered 200 with an unusable body: {0}")]
     Malformed(String),
 }
@@ -597,15 +598,15 @@ impl TokenManager {
                             | "access_denied"
                             | "invalid_grant"
                     );
+                let what = if code.is_empty() {
+                    status.as_u16().to_string()
+                } else {
+                    format!("{} {}", status.as_u16(), self.error_code(&code))
+                };
                 if credential_problem {
-                    let what = if code.is_empty() {
-                        status.as_u16().to_string()
-                    } else {
-                        format!("{} {}", status.as_u16(), self.error_code(&code))
-                    };
                     return Err(FetchError::Credentials(what));
                 }
-                return Err(FetchError::Status(status.as_u16()));
+                return Err(FetchError::Status(what));
             }
             if too_large {
                 return Err(FetchError::Malformed(format!(
@@ -918,11 +919,15 @@ mod tests {
             (401, id.to_string(), "401 unrecognised error"),
             (401, "Invalid-Client".to_string(), "401 unrecognised error"),
             (401, "a".repeat(41), "401 unrecognised error"),
+            // Not about the credentials: shown with the status all the same.
+            (400, "invalid_request".to_string(), "400 invalid_request"),
+            (500, "server_error".to_string(), "500 server_error"),
+            (500, format!("boom {secret}"), "500 unrecognised error"),
         ] {
             let body = serde_json::json!({ "error": error }).to_string();
             let err = fetch_answer(status, body, id, secret).await.err().unwrap();
             let text = err.to_string();
-            assert!(text.contains(&format!("({shown})")), "{error}: {text}");
+            assert!(text.contains(shown), "{error}: {text}");
             assert!(!text.contains("lowercase"), "{error}: {text}");
         }
     }
