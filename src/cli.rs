@@ -14,6 +14,7 @@ use crate::mock::{Mock, MockOptions, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET};
 #[command(
     name = "aleph-proxy",
     version,
+    propagate_version = true,
     about = "Authenticating sidecar proxy for Satellogic's Aleph API: point any tool at it and it adds a fresh token and the contract header.",
     after_help = "Configuration layers: built-in defaults < TOML file (--config) < ALEPH_PROXY_* environment < flags.\nExample: ALEPH_PROXY_AUTH__CLIENT_ID=... ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE=/run/secrets/aleph aleph-proxy"
 )]
@@ -196,6 +197,17 @@ fn figment_only(o: &Overrides) -> figment::Figment {
 }
 
 async fn demo(g: &Global) -> ExitCode {
+    // The demo runs on its built-in configuration; a file named on its command line would be
+    // silently unused. (ALEPH_PROXY_CONFIG, like every ALEPH_PROXY_* variable, is ignored.)
+    let from_env = std::env::var_os("ALEPH_PROXY_CONFIG").map(std::path::PathBuf::from);
+    if g.config.is_some() && g.config != from_env {
+        eprintln!(
+            "aleph-proxy demo: --config is not read by demo, which runs on its built-in configuration \
+             in front of the mock (flags such as --listen still apply); \
+             to run a configuration file: aleph-proxy run --config FILE"
+        );
+        return ExitCode::from(2);
+    }
     let mock = match Mock::start(MockOptions::default()).await {
         Ok(m) => m,
         Err(e) => {
@@ -222,7 +234,7 @@ async fn demo(g: &Global) -> ExitCode {
     let a = bound.admin_addr();
     println!(
         r#"
-aleph-proxy demo: the proxy on http://{p} in front of a mock Aleph API ({api}).
+aleph-proxy demo: the proxy on http://{p} in front of {api}.
 It fetched no real credentials; the mock issues tokens like the real token endpoint.
 Try, in another terminal:
 
@@ -239,7 +251,11 @@ Try, in another terminal:
 
 Stop with Ctrl-C.
 "#,
-        api = mock.api_url
+        api = match &g.upstream {
+            // --upstream replaces the mock API; the mock still issues the tokens.
+            Some(u) => format!("{u} (--upstream; tokens from the mock's token endpoint)"),
+            None => format!("a mock Aleph API ({})", mock.api_url),
+        }
     );
     match crate::run_until_signalled(config, bound).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -170,6 +170,50 @@ async fn gdal_reads_a_cog_window_through_a_rewritten_asset_href() {
     assert!(cog_len > 0);
 }
 
+/// The mock's own asset (the demo's), no file given: GDAL reads it as a georeferenced GeoTIFF
+/// through the proxy, by ranges, as the README's GDAL commands do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gdal_reads_the_mocks_own_asset_as_the_demo_serves_it() {
+    if !have("gdalinfo", &["--version"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start_with(MockOptions::default(), "").await;
+    let item: serde_json::Value = get_json(&h.url("/archive/stac/search?limit=1")).await;
+    let href = item["features"][0]["assets"]["analytic"]["href"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vsi = format!("/vsicurl/{href}");
+    let out_tif = dir.path().join("window.tif");
+    let out_path = out_tif.to_str().unwrap().to_string();
+    let info = tokio::task::spawn_blocking(move || {
+        let info = run(Command::new("gdalinfo")
+            .arg(&vsi)
+            .env("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+            .env("GDAL_HTTP_MAX_RETRY", "0"));
+        run(Command::new("gdal_translate")
+            .args(["-srcwin", "512", "512", "100", "100", &vsi, &out_path])
+            .env("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR"));
+        info
+    })
+    .await
+    .unwrap();
+    assert!(info.contains("Size is 1792, 1792"), "{info}");
+    assert!(info.contains("ID[\"EPSG\",4326]"), "{info}");
+    assert!(info.contains("Block=256x256"), "{info}");
+    let window = run(Command::new("gdalinfo").args(["-stats", out_tif.to_str().unwrap()]));
+    assert!(window.contains("Size is 100, 100"), "{window}");
+    let ranged = h
+        .mock
+        .state
+        .recorded()
+        .iter()
+        .filter(|r| r.uri.path().starts_with("/assets/") && r.headers.contains_key("range"))
+        .count();
+    assert!(ranged >= 2, "GDAL made {ranged} range requests");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_follows_drf_next_links_to_the_end() {
     if !have("curl", &["--version"]) {

@@ -1263,9 +1263,7 @@ async fn sigterm_during_a_download_lets_it_finish_then_exits_0() {
         body.extend_from_slice(&chunk);
     }
     assert_eq!(body.len(), size);
-    let expected: Vec<u8> = (0..size)
-        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
-        .collect();
+    let expected = aleph_proxy::mock::generated_asset(size);
     assert!(body == expected, "the download arrived altered");
     let status = b.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "{}", b.log());

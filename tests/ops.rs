@@ -528,6 +528,15 @@ async fn version_and_help_for_every_subcommand() {
             "{sub}: {}",
             o.stdout
         );
+        let mut c = aleph();
+        c.args([sub, "--version"]);
+        let o = output(c).await;
+        assert_eq!(o.code, Some(0), "{sub} --version");
+        assert!(
+            o.stdout.contains(env!("CARGO_PKG_VERSION")),
+            "{sub}: {}",
+            o.stdout
+        );
     }
     let mut c = aleph();
     c.args(["contracts", "--help"]);
@@ -1123,6 +1132,36 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
             &[("method", "GET"), ("status", "2xx")]
         ) >= 2.0
     );
+    child.kill().await.unwrap();
+
+    // A configuration file named on the demo's command line would go unused: refused, exit 2.
+    // The same path in ALEPH_PROXY_CONFIG is ignored like every ALEPH_PROXY_* variable.
+    let mut c = aleph();
+    c.args(["demo", "--config", "/nonexistent/aleph-proxy.toml"]);
+    let o = output(c).await;
+    assert_eq!(o.code, Some(2), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("--config is not read by demo"),
+        "{}",
+        o.stderr
+    );
+    let mut c = aleph();
+    c.args(DEMO_ON_FREE_PORTS)
+        .env("ALEPH_PROXY_CONFIG", "/nonexistent/aleph-proxy.toml")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("demo starts with ALEPH_PROXY_CONFIG set")
+            .unwrap()
+            .expect("stdout open");
+        if line.contains("the proxy on http://") {
+            break;
+        }
+    }
     child.kill().await.unwrap();
 }
 

@@ -850,14 +850,108 @@ fn asset_data(s: &MockState, opts: &MockOptions) -> Bytes {
     }
     let bytes = match &opts.asset_file {
         Some(p) => Bytes::from(std::fs::read(p).unwrap_or_default()),
-        None => Bytes::from(
-            (0..opts.asset_size)
-                .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
-                .collect::<Vec<u8>>(),
-        ),
+        None => Bytes::from(generated_asset(opts.asset_size)),
     };
     *cached = Some(bytes.clone());
     bytes
+}
+
+/// Where the generated asset's pixels start; the GeoTIFF header and its arrays come before.
+const ASSET_PIXELS_AT: usize = 16 * 1024;
+/// Tiles of the generated asset, 256 x 256 single-byte pixels each.
+const ASSET_TILE: usize = 256;
+
+/// The data asset the mock serves when no file is given: `size` bytes of a fixed pattern that
+/// GDAL reads as a georeferenced, tiled, uncompressed single-band GeoTIFF (the pattern is its
+/// pixels; bytes past the last tile are ignored by readers). Below 80 KiB it is the bare pattern.
+pub fn generated_asset(size: usize) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect();
+    let tile_bytes = ASSET_TILE * ASSET_TILE;
+    let fit = size.saturating_sub(ASSET_PIXELS_AT) / tile_bytes;
+    // Tiles per side: the largest square that fits, at most 40 (the tile arrays stay within
+    // the space before the pixels).
+    let n = (1..=40usize)
+        .take_while(|k| k * k <= fit)
+        .last()
+        .unwrap_or(0);
+    if n == 0 {
+        return data;
+    }
+    let side = (n * ASSET_TILE) as u32;
+    let tiles = n * n;
+    // Little-endian TIFF: header, one IFD, then the arrays its entries point at.
+    let mut h: Vec<u8> = Vec::with_capacity(ASSET_PIXELS_AT);
+    h.extend_from_slice(b"II");
+    h.extend_from_slice(&42u16.to_le_bytes());
+    h.extend_from_slice(&8u32.to_le_bytes());
+    const SHORT: u16 = 3;
+    const LONG: u16 = 4;
+    const DOUBLE: u16 = 12;
+    // (tag, type, count, inline value or None for an array at the end)
+    let geokeys: [u16; 16] = [1, 1, 0, 3, 1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 4326];
+    // The item's footprint: 0.1 degree square, north-west corner at (-58.4, -34.5).
+    let scale = [0.1 / f64::from(side), 0.1 / f64::from(side), 0.0];
+    let tiepoint = [0.0, 0.0, 0.0, -58.4, -34.5, 0.0];
+    let offsets: Vec<u32> = (0..tiles)
+        .map(|t| (ASSET_PIXELS_AT + t * tile_bytes) as u32)
+        .collect();
+    let counts = vec![tile_bytes as u32; tiles];
+    let mut arrays: Vec<Vec<u8>> = Vec::new();
+    let mut array = |bytes: Vec<u8>| {
+        arrays.push(bytes);
+        arrays.len() - 1
+    };
+    let le32 = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let le64 = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let entries: Vec<(u16, u16, u32, Result<u32, usize>)> = vec![
+        (256, LONG, 1, Ok(side)),
+        (257, LONG, 1, Ok(side)),
+        (258, SHORT, 1, Ok(8)),
+        (259, SHORT, 1, Ok(1)), // no compression
+        (262, SHORT, 1, Ok(1)), // black is zero
+        (277, SHORT, 1, Ok(1)),
+        (284, SHORT, 1, Ok(1)),
+        (322, SHORT, 1, Ok(ASSET_TILE as u32)),
+        (323, SHORT, 1, Ok(ASSET_TILE as u32)),
+        (324, LONG, tiles as u32, Err(array(le32(&offsets)))),
+        (325, LONG, tiles as u32, Err(array(le32(&counts)))),
+        (33550, DOUBLE, 3, Err(array(le64(&scale)))),
+        (33922, DOUBLE, 6, Err(array(le64(&tiepoint)))),
+        (
+            34735,
+            SHORT,
+            16,
+            Err(array(
+                geokeys.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )),
+        ),
+    ];
+    let mut next_array = 8 + 2 + entries.len() * 12 + 4;
+    let mut array_at = vec![0usize; arrays.len()];
+    for (i, a) in arrays.iter().enumerate() {
+        array_at[i] = next_array;
+        next_array += a.len();
+    }
+    h.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, ty, count, value) in &entries {
+        h.extend_from_slice(&tag.to_le_bytes());
+        h.extend_from_slice(&ty.to_le_bytes());
+        h.extend_from_slice(&count.to_le_bytes());
+        let v = match value {
+            Ok(v) => *v,
+            Err(a) => array_at[*a] as u32,
+        };
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    for a in &arrays {
+        h.extend_from_slice(a);
+    }
+    debug_assert!(h.len() <= ASSET_PIXELS_AT);
+    data[..h.len()].copy_from_slice(&h);
+    data
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1095,5 +1189,25 @@ impl tokio::io::AsyncWrite for FaultyIo {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generated_asset;
+
+    #[test]
+    fn the_generated_asset_is_a_tiff_of_the_asked_size_when_it_fits_a_tile() {
+        for size in [0, 1000, 80 * 1024, 1 << 20, 4 << 20, 64 << 20] {
+            let a = generated_asset(size);
+            assert_eq!(a.len(), size);
+            let tiff = a.starts_with(b"II*\0");
+            assert_eq!(tiff, size >= 16 * 1024 + 256 * 256, "{size}");
+            // Past the header, the pattern: what the pixels and any trailing bytes are.
+            let i = size.saturating_sub(1);
+            if size > 16 * 1024 {
+                assert_eq!(a[i], (i.wrapping_mul(31) ^ (i >> 8)) as u8);
+            }
+        }
     }
 }
