@@ -483,14 +483,15 @@ pub fn shutdown_signals() -> Signals {
     Signals { received }
 }
 
-/// Counts one more signal and says what it does.
+/// Counts one more signal and says what it does. Said first: the tasks the count wakes log
+/// what they do next ("shutting down", "stopped"), and those lines must come after this one.
 fn counted(tx: &watch::Sender<u32>, name: &str) {
-    tx.send_modify(|c| *c += 1);
-    if *tx.borrow() == 1 {
+    if *tx.borrow() == 0 {
         tracing::info!("{name} received");
     } else {
         tracing::warn!("{name} received again: stopping now; requests still in flight are cut off");
     }
+    tx.send_modify(|c| *c += 1);
 }
 
 /// [`run`] until the first SIGTERM or SIGINT, then drains; a second one ends the drain at once.

@@ -1270,6 +1270,10 @@ async fn sigterm_during_a_download_lets_it_finish_then_exits_0() {
     let log = b.log();
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("shutting down"), "{log}");
+    // In the order it happened: the signal, the drain, the end.
+    let at = |s: &str| log.find(s).unwrap_or_else(|| panic!("{s}: {log}"));
+    assert!(at("SIGTERM received") < at("shutting down"), "{log}");
+    assert!(at("shutting down") < at("stopped"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
