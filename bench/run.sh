@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # aleph-proxy benchmark: direct vs aleph-proxy vs nginx vs HAProxy, all on loopback.
 #
-#   bench/run.sh            full run (~20 min): release build, 7 alternating rounds of 5 s per
+#   bench/run.sh            full run (~22 min): release build, 7 alternating rounds of 5 s per
 #                           target, 256-connection RSS run, 30 paired slices of aleph-w1 and
-#                           the peers, 1 GiB download + 256 MiB upload;
+#                           the peers, 10 paced slices (each connection pausing 1 ms after each
+#                           response: the same lighter load on every target, direct included),
+#                           1 GiB download + 256 MiB upload;
 #                           the target pinned to the last CPU, the rest on the others
 #                           (--no-pin to turn that off)
 #   bench/run.sh --smoke    CI smoke (~45 s): debug build, 1 round of 2 s, 16 MiB transfers;
