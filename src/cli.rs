@@ -10,6 +10,16 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{self, Config, Overrides};
 use crate::mock::{Mock, MockOptions, MOCK_CLIENT_ID, MOCK_CLIENT_SECRET};
 
+/// `println!` that survives a closed stdout: `aleph-proxy check | head -1` must not panic
+/// (exit 101) when `head` leaves. Rust ignores SIGPIPE, so a write to a closed pipe is an
+/// error, and `println!` panics on it; the command goes on and exits with its own status.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "aleph-proxy",
@@ -232,7 +242,7 @@ async fn demo(g: &Global) -> ExitCode {
     };
     let p = bound.proxy_addrs()[0];
     let a = bound.admin_addr();
-    println!(
+    out!(
         r#"
 aleph-proxy demo: the proxy on http://{p} in front of {api}.
 It fetched no real credentials; the mock issues tokens like the real token endpoint.
@@ -271,9 +281,9 @@ async fn check(g: &Global) -> ExitCode {
         return ExitCode::from(2);
     };
     crate::telemetry::init_logging(config.log_format);
-    println!("configuration: ok");
+    out!("configuration: ok");
     for w in &config.warnings {
-        println!("  warning: {w}");
+        out!("  warning: {w}");
     }
     let mut ok = true;
     // What `run` would refuse when it binds: an algorithm the kernel lacks or does not allow.
@@ -282,14 +292,14 @@ async fn check(g: &Global) -> ExitCode {
         if let Err(e) = probe.and_then(|tcp| {
             crate::tcp::setup_listener(&tcp, config.listeners[0].listen, &config.client_congestion)
         }) {
-            println!("tcp.client_congestion_control: {e}");
+            out!("tcp.client_congestion_control: {e}");
             ok = false;
         }
     }
     let rt = match crate::Runtime::new(&without_token_cache(&config)) {
         Ok(rt) => rt,
         Err(e) => {
-            println!("runtime: {e}");
+            out!("runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -299,12 +309,13 @@ async fn check(g: &Global) -> ExitCode {
             Ok(t) => {
                 if cred.mode == config::AuthMode::Legacy {
                     // No token endpoint: the key itself is the credential, checked by /contracts.
-                    println!(
+                    out!(
                         "credential {} ({}): legacy key (auth.mode = \"legacy\")",
-                        i, cred.client_id
+                        i,
+                        cred.client_id
                     );
                 } else {
-                    println!(
+                    out!(
                         "credential {} ({}): token ok, expires in {} s",
                         i,
                         cred.client_id,
@@ -318,9 +329,9 @@ async fn check(g: &Global) -> ExitCode {
                     .filter(|_| cred.mode == config::AuthMode::OAuth)
                 {
                     match crate::token::cache::check(path, cred) {
-                        Ok(state) => println!("  token cache {}: {state}", path.display()),
+                        Ok(state) => out!("  token cache {}: {state}", path.display()),
                         Err(e) => {
-                            println!("  token cache {}: NOT usable: {e}", path.display());
+                            out!("  token cache {}: NOT usable: {e}", path.display());
                             ok = false;
                         }
                     }
@@ -328,13 +339,13 @@ async fn check(g: &Global) -> ExitCode {
                 let list = match list_with(&rt, i, t).await {
                     Ok(l) => l,
                     Err(e) => {
-                        println!("  contracts: {e}");
+                        out!("  contracts: {e}");
                         ok = false;
                         continue;
                     }
                 };
                 let ids: Vec<&str> = list.iter().map(|c| c.contract_id.as_str()).collect();
-                println!(
+                out!(
                     "  contracts: {}",
                     if ids.is_empty() {
                         "(none)".to_string()
@@ -348,17 +359,17 @@ async fn check(g: &Global) -> ExitCode {
                     .enumerate()
                     .filter(|(_, l)| l.credential == i)
                 {
-                    println!("  listener {li} on {}:", l.listen);
+                    out!("  listener {li} on {}:", l.listen);
                     // The same condition `run` warns about at start: anyone who can reach this
                     // address would use the credential.
                     if !l.listen.ip().is_loopback() && !config.access.any_guard() {
-                        println!("    EXPOSED: not on loopback and no access control; set access.key_file, access.allowed_cidrs or access.allowed_hosts");
+                        out!("    EXPOSED: not on loopback and no access control; set access.key_file, access.allowed_cidrs or access.allowed_hosts");
                         ok = false;
                     }
                     for r in &l.contract.routes {
                         let known = ids.contains(&r.id.as_str());
                         ok &= known;
-                        println!(
+                        out!(
                             "    {}/... -> {}{}",
                             r.prefix.trim_end_matches('/'),
                             r.id,
@@ -373,35 +384,35 @@ async fn check(g: &Global) -> ExitCode {
                         Some(d) => {
                             let known = ids.contains(&d.as_str());
                             ok &= known;
-                            println!("    everything else -> {d}{}", if known { "" } else { "  (NOT a contract of this credential)" });
+                            out!("    everything else -> {d}{}", if known { "" } else { "  (NOT a contract of this credential)" });
                         }
                         None => match ids.as_slice() {
-                            [one] => println!("    everything else -> {one} (discovered: the credential's only contract)"),
+                            [one] => out!("    everything else -> {one} (discovered: the credential's only contract)"),
                             // Clients name the contract themselves; without the header they get
                             // a 422, which is their choice, not a configuration problem.
-                            _ if l.contract.allow_client_override => println!(
+                            _ if l.contract.allow_client_override => out!(
                                 "    everything else -> the client's X-Satellogic-Contract-Id (allow_client_override; none set: 422)"
                             ),
                             _ => {
-                                println!("    everything else -> NONE: set contract.default (the credential has {} contracts)", ids.len());
+                                out!("    everything else -> NONE: set contract.default (the credential has {} contracts)", ids.len());
                                 ok = false;
                             }
                         },
                     }
-                    println!("    /contracts -> (no contract header)");
+                    out!("    /contracts -> (no contract header)");
                 }
             }
             Err(e) => {
-                println!("credential {} ({}): {e}", i, cred.client_id);
+                out!("credential {} ({}): {e}", i, cred.client_id);
                 ok = false;
             }
         }
     }
     if ok {
-        println!("all good");
+        out!("all good");
         ExitCode::SUCCESS
     } else {
-        println!("problems found");
+        out!("problems found");
         ExitCode::from(1)
     }
 }
@@ -453,7 +464,7 @@ async fn token(g: &Global) -> ExitCode {
                 eprintln!("aleph-proxy: auth.mode is legacy: there is no access token to print");
                 return ExitCode::from(1);
             }
-            println!("{}", t.access_token.expose());
+            out!("{}", t.access_token.expose());
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -468,14 +479,14 @@ async fn contracts(g: &Global, json: bool) -> ExitCode {
     match list_with(&rt, 0, t).await {
         Ok(list) => {
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&list).unwrap_or_default()
                 );
             } else {
-                println!("{:<40} NAME", "CONTRACT ID");
+                out!("{:<40} NAME", "CONTRACT ID");
                 for c in list {
-                    println!("{:<40} {}", c.contract_id, c.name.unwrap_or_default());
+                    out!("{:<40} {}", c.contract_id, c.name.unwrap_or_default());
                 }
             }
             ExitCode::SUCCESS
@@ -518,17 +529,17 @@ async fn healthcheck(g: &Global, timeout: Duration) -> ExitCode {
     };
     match client.get(&url).send().await {
         Ok(r) if r.status().is_success() => {
-            println!("ready ({url})");
+            out!("ready ({url})");
             ExitCode::SUCCESS
         }
         Ok(r) => {
             let status = r.status().as_u16();
             let body = r.text().await.unwrap_or_default();
-            println!("not ready ({url}: {status}) {body}");
+            out!("not ready ({url}: {status}) {body}");
             ExitCode::from(1)
         }
         Err(_) => {
-            println!("not running ({url} unreachable)");
+            out!("not running ({url} unreachable)");
             ExitCode::from(1)
         }
     }

@@ -621,6 +621,37 @@ async fn check_discovers_the_only_contract_without_a_default() {
         .contains(&format!("everything else -> {MOCK_CONTRACT} (discovered")));
 }
 
+/// `aleph-proxy check | head -1`: the reader leaves before the output ends. The command neither
+/// panics (exit 101) nor changes its verdict.
+#[tokio::test]
+async fn commands_whose_reader_leaves_early_keep_their_exit_status() {
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &toml_for(&mock, free_addr(), free_addr(), ""),
+    );
+    for sub in ["check", "contracts", "token"] {
+        let mut c = aleph();
+        c.arg(sub)
+            .arg("-c")
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // The read end closes before the first line is written.
+        drop(child.stdout.take());
+        let o = tokio::time::timeout(WAIT, child.wait_with_output())
+            .await
+            .expect("the command finishes")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{sub}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{sub}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn check_with_several_contracts_needs_a_default_unless_clients_choose() {
     let mock = Mock::start(support::two_contracts()).await.unwrap();
@@ -1105,6 +1136,22 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
     }
     let (proxy, admin) = (proxy.unwrap(), admin.unwrap());
     let c = client();
+    // A fresh process lists its label-less series before any request (at 0), so rate() and
+    // increase() see the first event. (In-process tests share one registry; only a new process
+    // shows the first scrape.)
+    let first = scrape(&format!("http://{admin}/metrics")).await;
+    for name in [
+        "aleph_proxy_unauthorized_refreshes_total",
+        "aleph_proxy_token_invalidations_total",
+        "aleph_proxy_links_rewritten_total",
+        "aleph_proxy_connections_rejected_total",
+        "aleph_proxy_spliced_bytes_total",
+        "aleph_proxy_in_flight_requests",
+        "aleph_proxy_upstream_duration_seconds_count",
+    ] {
+        assert_eq!(first.sum(name, &[]), 0.0, "{name} at 0 before any request");
+        assert!(first.has(name), "{name} missing before any request");
+    }
     let r = c
         .get(format!("http://{proxy}/contracts"))
         .send()

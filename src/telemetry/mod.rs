@@ -285,6 +285,8 @@ fn describe() {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!("aleph_proxy_in_flight_requests").increment(0.0);
+    // A registered histogram is rendered with empty buckets and a zero count.
+    let _ = metrics::histogram!("aleph_proxy_upstream_duration_seconds");
 }
 
 #[cfg(test)]
