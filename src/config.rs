@@ -635,8 +635,13 @@ impl Parser<'_> {
             self.value(key).is_some_and(|v| self.is_from_env(&v)),
             self.value(file_key).is_some_and(|v| self.is_from_env(&v)),
         );
+        let reported = self.problems.len();
         let inline = self.secret(key);
         let file = self.path(file_key);
+        if self.problems.len() > reported {
+            // A value of the wrong type was reported: not "required" as well.
+            return Err(());
+        }
         match (inline, file) {
             (Some(s), Some(_)) if inline_env && !file_env => Ok(Some(s)),
             (Some(_), Some(path)) if file_env && !inline_env => self.secret_file(file_key, &path),
@@ -904,17 +909,19 @@ impl Parser<'_> {
         };
         for i in 0..count {
             let base = format!("listeners.{i}");
+            // Without a usable address the rest of the entry is still checked, so every
+            // problem is reported at once.
             let listen = match self.string(&format!("{base}.listen")) {
                 Some(s) => match parse_listen(&s) {
-                    Ok(a) => a,
+                    Ok(a) => Some(a),
                     Err(e) => {
                         self.problem(format!("`listeners[{i}].listen`: {e}"));
-                        continue;
+                        None
                     }
                 },
                 None => {
                     self.problem(format!("`listeners[{i}].listen` is required"));
-                    continue;
+                    None
                 }
             };
             let mut lc = contract.clone();
@@ -964,6 +971,7 @@ impl Parser<'_> {
                 &format!("{base}.public_url"),
                 &format!("listeners[{i}].public_url"),
             );
+            let Some(listen) = listen else { continue };
             listeners.push(ListenerConfig {
                 listen,
                 public_url,
@@ -1074,6 +1082,21 @@ fn walk_keys(fig: &Figment, dict: &Dict, prefix: &str, unknown: &mut Vec<String>
                     }
                 }
             }
+            // A plain value where a section belongs (`ALEPH_PROXY_ADMIN=0.0.0.0:9090`, TOML
+            // `shutdown = "10s"`) would replace the section and be ignored. The value is not
+            // echoed: it may be a secret put at the wrong level. (The lists of tables,
+            // `listeners` and `contract.routes`, are checked where they are parsed.)
+            _ if !path.contains("[]")
+                && !KNOWN_KEYS
+                    .iter()
+                    .any(|k| k.starts_with(&format!("{path}[]"))) =>
+            {
+                unknown.push(format!(
+                    "`{path}` must be a table (`[{path}]` in TOML, `ALEPH_PROXY_{}__<KEY>` in the environment), not a single value{}",
+                    path.to_uppercase().replace('.', "__"),
+                    source_of(fig, v)
+                ));
+            }
             _ => {}
         }
     }
@@ -1120,12 +1143,30 @@ pub fn parse_http_url(text: &str) -> Result<Url, String> {
 /// is a warning when other users can read the file.
 pub fn read_secret_file(path: &Path) -> Result<(Secret, Option<String>), String> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+        .map_err(|e| format!("cannot read {}: {}", shown_secret_path(path), e.kind()))?;
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }
     Ok((Secret::new(trimmed), world_readable_warning(path)))
+}
+
+/// The path of a secret file as an error may show it. The secret itself put where its file
+/// belongs (`CLIENT_SECRET_FILE=<the secret>`, a Kubernetes `secretKeyRef` on the wrong
+/// variable) is a path to nowhere: a path is shown only when it exists or names a file in an
+/// existing directory other than `/` (a secret may contain a `/`).
+fn shown_secret_path(path: &Path) -> String {
+    let plausible = path.exists()
+        || path
+            .parent()
+            .is_some_and(|d| !d.as_os_str().is_empty() && d != Path::new("/") && d.is_dir());
+    if plausible {
+        path.display().to_string()
+    } else {
+        "the file named there (the name is not shown: it is not a path in an existing \
+         directory and may be the secret itself, which belongs in the key without `_file`)"
+            .to_string()
+    }
 }
 
 #[cfg(unix)]
@@ -1235,6 +1276,11 @@ mod tests {
                 id = "c1"
                 [timeouts]
                 connect = -3
+                [[listeners]]
+                contract = "c2"
+                public_url = "not a url"
+                [listeners.auth]
+                client_id = "other"
                 "#,
             )?;
             let err = load(Some(Path::new("bad.toml")), &Overrides::default()).unwrap_err();
@@ -1248,6 +1294,10 @@ mod tests {
                 "`contract.allow_client_override`",
                 "`contract.routes[0].prefix`",
                 "`timeouts.connect`",
+                // A listener without an address still has the rest of it checked.
+                "`listeners[0].listen` is required",
+                "`listeners[0].public_url`",
+                "`listeners[0].auth` needs both",
             ] {
                 assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
             }
@@ -1318,6 +1368,55 @@ mod tests {
                 assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
             }
             assert_eq!(err.problems.len(), 4, "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_single_value_where_a_section_belongs_is_a_problem_not_ignored() {
+        Jail::expect_with(|jail| {
+            base_env(jail);
+            jail.set_env("ALEPH_PROXY_ADMIN", "0.0.0.0:9090");
+            jail.create_file("c.toml", "shutdown = \"10s\"\nlisteners = \"x\"\n")?;
+            let err = load(Some(Path::new("c.toml")), &Overrides::default()).unwrap_err();
+            let text = err.to_string();
+            for needle in [
+                "`admin` must be a table (`[admin]` in TOML, `ALEPH_PROXY_ADMIN__<KEY>`",
+                "`shutdown` must be a table",
+                "`listeners` must be an array of tables",
+            ] {
+                assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+            }
+            // The value is not echoed: it may be a secret at the wrong level.
+            jail.set_env("ALEPH_PROXY_AUTH", "a-secret-at-the-wrong-level");
+            let err = load(None, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains("`auth` must be a table"), "{err}");
+            assert!(!err.contains("a-secret-at-the-wrong-level"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_given_as_its_file_name_is_not_printed() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_ID", "id-1");
+            for secret in [
+                "Zm9v/YmFy-secret",
+                "/plain-secret-value",
+                "plain-secret-value",
+            ] {
+                jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE", secret);
+                let err = load(None, &Overrides::default()).unwrap_err().to_string();
+                assert!(err.contains("`auth.client_secret_file`"), "{err}");
+                assert!(!err.contains(secret), "{err}");
+                assert!(err.contains("may be the secret itself"), "{err}");
+            }
+            // A real path, missing file: named, so the mistake can be found.
+            let dir = jail.directory().to_path_buf();
+            let missing = dir.join("no-such-secret");
+            jail.set_env("ALEPH_PROXY_AUTH__CLIENT_SECRET_FILE", missing.display());
+            let err = load(None, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(&missing.display().to_string()), "{err}");
             Ok(())
         });
     }
