@@ -155,6 +155,62 @@ async fn a_head_of_json_does_not_promise_the_upstream_length() {
 }
 
 #[tokio::test]
+async fn a_head_and_its_get_agree_on_the_coding_with_or_without_links_to_rewrite() {
+    let h = Harness::start("").await;
+    // The task list has links; the product list has none. Both come gzip-compressed.
+    for path in ["/tasking/tasks/?limit=5", "/tasking/products/"] {
+        let head = client()
+            .head(h.url(path))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200);
+        assert!(head.headers().get("content-encoding").is_none(), "{path}");
+        let get = get_accepting(&h, path, "gzip").await;
+        assert_eq!(
+            h.mock.state.last_request().unwrap().headers["accept-encoding"],
+            "gzip"
+        );
+        assert!(get.headers().get("content-encoding").is_none(), "{path}");
+        assert_eq!(head.headers()["etag"], get.headers()["etag"], "{path}");
+        let len: usize = get.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = get.bytes().await.unwrap();
+        assert_eq!(body.len(), len);
+        serde_json::from_slice::<serde_json::Value>(&body).expect("identity JSON");
+    }
+}
+
+#[tokio::test]
+async fn a_rewritten_page_revalidates_with_the_tag_it_was_given() {
+    // A browser map or an HTTP cache keeps the page with its ETag and asks again with
+    // If-None-Match: the 304 must carry the same tag, or the cache cannot refresh its entry.
+    let h = Harness::start("").await;
+    for codings in ["identity", "gzip"] {
+        let first = get_accepting(&h, "/tasking/tasks/?limit=5", codings).await;
+        assert_eq!(first.status(), 200);
+        let tag = first.headers()["etag"].clone();
+        assert!(
+            tag.to_str().unwrap().starts_with("W/"),
+            "{codings}: {tag:?}"
+        );
+        let again = client()
+            .get(h.url("/tasking/tasks/?limit=5"))
+            .header("accept-encoding", codings)
+            .header("if-none-match", tag.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{codings}");
+        assert_eq!(again.headers()["etag"], tag, "{codings}");
+    }
+}
+
+#[tokio::test]
 async fn location_and_link_headers_are_rewritten() {
     let h = Harness::start("").await;
     let r = client()
@@ -267,6 +323,8 @@ async fn range_head_and_conditional_requests_pass_through() {
         .await
         .unwrap();
     assert_eq!(r.status(), 304);
+    // An asset's tag stays strong (If-Range needs a strong one).
+    assert_eq!(r.headers()["etag"], etag);
     let rec = h.mock.state.last_request().unwrap();
     assert_eq!(rec.headers["if-none-match"], etag);
     let r = c

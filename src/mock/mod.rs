@@ -500,7 +500,48 @@ async fn api_handler(
     let base = s.api_url.lock().unwrap().clone();
     let query = parse_query(uri.query());
     let resp = routes(&s, &method, &path, &query, &headers, &body, &base).await;
+    let resp = conditional_json(resp, &method, &headers).await;
     compress_json(resp, &headers).await
+}
+
+/// JSON answers to GET and HEAD carry a strong ETag (a digest of the body) and are revalidated
+/// by `If-None-Match` with the weak comparison (a tag matches with or without `W/`), as Django's
+/// ConditionalGetMiddleware does behind the API.
+async fn conditional_json(resp: Response, method: &Method, req_headers: &HeaderMap) -> Response {
+    use std::hash::{Hash, Hasher};
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if !is_json || resp.status() != StatusCode::OK || !matches!(*method, Method::GET | Method::HEAD)
+    {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    let etag = format!("\"{:016x}\"", h.finish());
+    let matched = req_headers
+        .get_all("if-none-match")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim())
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag);
+    parts
+        .headers
+        .insert("etag", etag.parse().expect("a header value"));
+    if matched {
+        parts.status = StatusCode::NOT_MODIFIED;
+        parts.headers.remove("content-type");
+        parts.headers.remove("content-length");
+        return Response::from_parts(parts, Body::empty());
+    }
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// JSON answers are gzip-compressed when the client accepts it, as API gateways do.
@@ -529,6 +570,13 @@ async fn compress_json(resp: Response, req_headers: &HeaderMap) -> Response {
         .headers
         .insert("content-encoding", "gzip".parse().unwrap());
     parts.headers.remove("content-length");
+    // Another representation than the identity one: its tag is weak (Django's GZipMiddleware).
+    if let Some(tag) = parts.headers.get("etag").and_then(|v| v.to_str().ok()) {
+        if !tag.starts_with("W/") {
+            let weak = format!("W/{tag}");
+            parts.headers.insert("etag", weak.parse().unwrap());
+        }
+    }
     parts
         .headers
         .insert("vary", "Accept-Encoding".parse().unwrap());

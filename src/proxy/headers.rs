@@ -189,7 +189,10 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
             }
         }
     }
-    let value = if kept.is_empty() {
+    // Nothing offered any more (`zstd, *;q=0`: the client's only coding is one the proxy
+    // cannot read): identity, which the proxy can always pass on, rather than a header that
+    // refuses everything and gets a 406.
+    let value = if kept.iter().all(|i| refuses(i)) {
         "identity".to_string()
     } else {
         kept.join(", ")
@@ -210,15 +213,20 @@ enum Accepted {
     Drop,
 }
 
+/// `q=0`: the item refuses its coding instead of offering it.
+fn refuses(item: &str) -> bool {
+    item.split(';').skip(1).any(|p| {
+        p.trim()
+            .strip_prefix("q=")
+            .and_then(|q| q.parse::<f32>().ok())
+            .is_some_and(|q| q == 0.0)
+    })
+}
+
 fn accepted(item: &str) -> Accepted {
     let coding = coding_of(item);
     if coding == "*" {
-        let excludes = item.split(';').skip(1).any(|p| {
-            p.trim()
-                .strip_prefix("q=")
-                .and_then(|q| q.parse::<f32>().ok())
-                .is_some_and(|q| q == 0.0)
-        });
+        let excludes = refuses(item);
         return if excludes {
             Accepted::Keep
         } else {
@@ -362,9 +370,12 @@ mod tests {
         assert_eq!(narrowed(&["zstd"]), "identity");
         assert_eq!(narrowed(&["*"]), "gzip, deflate, br");
         assert_eq!(narrowed(&["br, *;q=0.1"]), "br, gzip;q=0.1, deflate;q=0.1");
-        // `*;q=0` only excludes: kept, and identity stays excluded as the client asked.
+        // `*;q=0` only excludes: kept, and identity stays excluded as the client asked...
         assert_eq!(narrowed(&["x-gzip, *;q=0"]), "x-gzip, *;q=0");
-        assert_eq!(narrowed(&["zstd, *;q=0"]), "*;q=0");
+        // ...unless nothing the client offered is left: identity, not a refusal of everything.
+        assert_eq!(narrowed(&["zstd, *;q=0"]), "identity");
+        assert_eq!(narrowed(&["zstd, identity;q=0"]), "identity");
+        assert_eq!(narrowed(&["zstd, gzip;q=0.0"]), "identity");
     }
 
     #[test]

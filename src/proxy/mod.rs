@@ -290,14 +290,14 @@ async fn serve(
             })
         }
     };
-    let public_base =
-        l.shared
-            .response
-            .public_base(req.headers(), l.local_addr, l.public_url.as_deref());
+    let public = l
+        .shared
+        .response
+        .public(req.headers(), l.local_addr, l.public_url.as_deref());
     let resp = forward(l, req, rid).await?;
     Ok(l.shared
         .response
-        .finish(resp, rid, &public_base, permit, &l.shared.timeouts)
+        .finish(resp, rid, &public, permit, &l.shared.timeouts)
         .await)
 }
 

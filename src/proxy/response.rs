@@ -18,6 +18,14 @@ use crate::proxy::headers;
 use crate::proxy::InFlight;
 use crate::rewrite::{self, Encoding, Rewriter};
 
+/// The request's part in its response: where its links should point, and the validator it
+/// revalidates with. Empty when rewriting is off.
+#[derive(Default)]
+pub struct PublicBase {
+    base: Option<String>,
+    if_none_match: Option<HeaderValue>,
+}
+
 pub struct ResponsePolicy {
     rewriter: Option<Rewriter>,
     max_body: usize,
@@ -31,6 +39,22 @@ impl ResponsePolicy {
                 .enabled
                 .then(|| Rewriter::new(&config.upstream.url)),
             max_body: config.rewrite.max_body_bytes,
+        }
+    }
+
+    /// What the response stage needs of the request, taken before the request is sent.
+    pub fn public(
+        &self,
+        headers: &HeaderMap,
+        local: SocketAddr,
+        public_url: Option<&str>,
+    ) -> PublicBase {
+        if self.rewriter.is_none() {
+            return PublicBase::default();
+        }
+        PublicBase {
+            base: self.public_base(headers, local, public_url),
+            if_none_match: headers.get(header::IF_NONE_MATCH).cloned(),
         }
     }
 
@@ -68,16 +92,26 @@ impl ResponsePolicy {
         &self,
         (resp, method): (Response<PassBody>, Method),
         rid: &HeaderValue,
-        public_base: &Option<String>,
+        public: &PublicBase,
         guard: InFlight,
         timeouts: &Timeouts,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         headers::prepare_response(&mut parts.headers, rid);
-        let (Some(rw), Some(base)) = (&self.rewriter, public_base) else {
+        let (Some(rw), Some(base)) = (&self.rewriter, &public.base) else {
             return Response::from_parts(parts, stream(body, timeouts, guard));
         };
         rewrite_headers(rw, base, &mut parts.headers);
+        if parts.status == StatusCode::NOT_MODIFIED {
+            // Revalidating a JSON response the proxy rewrote: the client holds the weak tag the
+            // proxy gave it (`W/"x"`), the upstream matched it weakly and answers with its strong
+            // `"x"`. A 304 carries the validator its 200 would have (RFC 9110 15.4.5); a strong
+            // tag the client did not send as weak (an asset's) stays strong for If-Range.
+            if let Some(inm) = &public.if_none_match {
+                weaken_etag_sent_weak(&mut parts.headers, inm);
+            }
+            return Response::from_parts(parts, stream(body, timeouts, guard));
+        }
 
         let json = parts
             .headers
@@ -101,6 +135,10 @@ impl ResponsePolicy {
             // 9.3.2 lets a HEAD leave out what is determined while the content is generated).
             parts.headers.remove(header::CONTENT_LENGTH);
             drop_byte_identity(&mut parts.headers);
+            // The GET of a compressed JSON success is sent decoded (below).
+            if parts.status.is_success() {
+                parts.headers.remove(header::CONTENT_ENCODING);
+            }
         }
         let (true, true, Some(encoding)) = (json, has_body, encoding) else {
             if json && has_body {
@@ -200,7 +238,20 @@ impl ResponsePolicy {
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
                 Response::from_parts(parts, body::full(new_body))
             }
-            None => Response::from_parts(parts, body::full(original)),
+            // Nothing to rewrite. A decoded success is sent decoded all the same, so a GET is
+            // always what its HEAD said (identity, no upstream length) whatever the body holds.
+            // The API's errors pass as they came.
+            None => match decoded {
+                Some(d) if parts.status.is_success() => {
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    drop_byte_identity(&mut parts.headers);
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len()));
+                    Response::from_parts(parts, body::full(d))
+                }
+                _ => Response::from_parts(parts, body::full(original)),
+            },
         }
     }
 }
@@ -216,7 +267,26 @@ fn drop_byte_identity(headers: &mut HeaderMap) {
     headers.remove("content-md5");
     headers.remove("digest");
     headers.remove("content-digest");
+    headers.remove("repr-digest");
     weaken_etag(headers);
+}
+
+/// A strong `ETag: "x"` on a 304 whose request sent `W/"x"` becomes `W/"x"`.
+fn weaken_etag_sent_weak(headers: &mut HeaderMap, if_none_match: &HeaderValue) {
+    let Some(tag) = headers.get(header::ETAG).map(HeaderValue::as_bytes) else {
+        return;
+    };
+    if tag.starts_with(b"W/") {
+        return;
+    }
+    let sent_weak = if_none_match
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .any(|t| t.strip_prefix(b"W/") == Some(tag));
+    if sent_weak {
+        weaken_etag(headers);
+    }
 }
 
 /// The body changed, so a strong validator would lie about byte identity.
@@ -254,11 +324,18 @@ fn rewrite_headers(rw: &Rewriter, base: &str, headers: &mut HeaderMap) {
             .get_all(header::LINK)
             .iter()
             .map(|v| {
-                v.to_str()
+                match v
+                    .to_str()
                     .ok()
                     .and_then(|s| rw.rewrite_link_header(s, base))
                     .and_then(|s| HeaderValue::try_from(s).ok())
-                    .unwrap_or_else(|| v.clone())
+                {
+                    Some(new) => {
+                        metrics::counter!("aleph_proxy_links_rewritten_total").increment(1);
+                        new
+                    }
+                    None => v.clone(),
+                }
             })
             .collect();
         headers.remove(header::LINK);
@@ -303,5 +380,63 @@ where
             }
         }
         std::pin::Pin::new(&mut this.tail).poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    #[test]
+    fn every_rewritten_header_link_is_counted() {
+        let rw = Rewriter::new(&"https://api.satellogic.com".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("https://api.satellogic.com/a/"),
+        );
+        h.append(
+            header::LINK,
+            HeaderValue::from_static("<https://api.satellogic.com/a/>; rel=\"canonical\""),
+        );
+        h.append(
+            header::LINK,
+            HeaderValue::from_static("<https://elsewhere.example/>; rel=\"help\""),
+        );
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            rewrite_headers(&rw, "http://127.0.0.1:8080", &mut h)
+        });
+        assert_eq!(h[header::LOCATION], "http://127.0.0.1:8080/a/");
+        let links: Vec<_> = h.get_all(header::LINK).iter().collect();
+        assert_eq!(
+            links,
+            [
+                "<http://127.0.0.1:8080/a/>; rel=\"canonical\"",
+                "<https://elsewhere.example/>; rel=\"help\""
+            ]
+        );
+        assert!(
+            handle
+                .render()
+                .contains("aleph_proxy_links_rewritten_total 2"),
+            "{}",
+            handle.render()
+        );
+    }
+
+    #[test]
+    fn a_304_answers_with_the_tag_the_client_holds() {
+        let mut h = HeaderMap::new();
+        h.insert(header::ETAG, HeaderValue::from_static("\"abc\""));
+        weaken_etag_sent_weak(&mut h, &HeaderValue::from_static("\"other\", W/\"abc\""));
+        assert_eq!(h[header::ETAG], "W/\"abc\"");
+        // A strong tag the client sent strong (an asset's, for If-Range) stays strong.
+        let mut h = HeaderMap::new();
+        h.insert(header::ETAG, HeaderValue::from_static("\"abc\""));
+        weaken_etag_sent_weak(&mut h, &HeaderValue::from_static("\"abc\""));
+        assert_eq!(h[header::ETAG], "\"abc\"");
     }
 }
