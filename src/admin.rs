@@ -83,3 +83,58 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
     }
 }
+
+/// At most this many admin connections at once; more are closed on accept. Probes and a scraper
+/// need a handful; the cap keeps a flood of idle connections on an exposed admin port (`0.0.0.0`
+/// in a pod) from taking the file descriptors the proxy listeners need.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin router over HTTP/1.1 until `stop`: each connection must send a complete
+/// request head within `head_timeout` of opening or of its previous response (hyper's header
+/// read timeout also covers an idle keep-alive connection), else it is closed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+    head_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

@@ -314,11 +314,12 @@ pub async fn run_with(
     let admin_cancel = CancellationToken::new();
     let admin_stop = admin_cancel.clone();
     tracing::info!(listen = %bound.admin.local_addr().map_err(|e| e.to_string())?, "admin listening (/healthz, /readyz, /metrics)");
-    let admin_task = tokio::spawn(async move {
-        let _ = axum::serve(bound.admin, admin::router(admin_state))
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await;
-    });
+    let admin_task = tokio::spawn(admin::serve(
+        bound.admin,
+        admin::router(admin_state),
+        admin_stop,
+        config.timeouts.request_headers,
+    ));
 
     shutdown.await;
     tracing::info!(

@@ -490,6 +490,74 @@ async fn requests_only_ever_reach_the_configured_upstream() {
 /// The upstream answers 302 to another host: the proxy hands the 302 to the client and sends
 /// nothing there; a client that follows it reaches the other host without the proxy's token, the
 /// contract header or its own access key.
+/// The configuration decides the contract of a path: a client cannot borrow another route's
+/// contract with dot segments (an upstream resolves `/archive/../tasking/x` to `/tasking/x`) nor
+/// escape a route with spellings an upstream reads as the same path (`//archive`, `/%61rchive`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_cannot_choose_its_contract_or_leave_the_base_path() {
+    use aleph_proxy::mock::{MOCK_CONTRACT, MOCK_CONTRACT_2};
+    let h = Harness::start_with(
+        support::two_contracts(),
+        &format!(
+            "[contract]\ndefault = \"{MOCK_CONTRACT}\"\n[[contract.routes]]\nprefix = \"/archive\"\nid = \"{MOCK_CONTRACT_2}\"\n"
+        ),
+    )
+    .await;
+    h.ready().await;
+    h.mock.state.clear_recorded();
+    for path in [
+        "/archive/../tasking/products/",
+        "/archive/%2e%2e/tasking/products/",
+        "/archive/%2E./tasking/products/",
+        "/tasking/../archive/stac/",
+        "/./archive/stac/",
+        "/../../admin",
+        "/contracts/../tasking/products/",
+    ] {
+        let r = raw_exchange(
+            h.proxy,
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_one_response(&r, 400, path);
+        assert!(r.contains("x-aleph-proxy-error: bad_request"), "{r}");
+        assert!(r.contains("'..' segment"), "{r}");
+    }
+    assert!(
+        recorded_paths(&h.mock).is_empty(),
+        "nothing reaches the API"
+    );
+
+    // TRACE: an upstream's echo would return the injected token to the client.
+    let r = raw_exchange(
+        h.proxy,
+        b"TRACE /tasking/products/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_one_response(&r, 400, "TRACE");
+    assert!(r.contains("TRACE is not forwarded"), "{r}");
+    assert!(recorded_paths(&h.mock).is_empty(), "TRACE reaches nothing");
+
+    // Spellings of /archive an upstream normalises get the /archive route's contract.
+    for path in ["//archive/stac/", "/%61rchive/stac/", "/archive//stac/"] {
+        h.mock.state.clear_recorded();
+        let r = raw_exchange(
+            h.proxy,
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(statuses(&r).len() == 1, "{path}: {r}");
+        let rec = h.mock.state.last_request().expect("forwarded");
+        assert_eq!(rec.uri.path(), path, "sent as the client wrote it");
+        assert_eq!(
+            rec.headers["x-satellogic-contract-id"], MOCK_CONTRACT_2,
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_redirects_reach_the_client_and_the_other_host_gets_no_credential() {
     let canary = Canary::start().await;

@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{eventually, Harness};
+use support::{client, eventually, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -348,4 +348,64 @@ async fn a_client_hanging_up_abandons_its_request() {
         h.in_flight().await == 0
     })
     .await;
+}
+
+/// The admin port (on `0.0.0.0` in a pod) holds no connection that sends no complete head
+/// within `timeouts.request_headers`, idle or half-sent, and takes at most
+/// `admin::MAX_CONNECTIONS` at once; probes keep working when those are gone.
+#[tokio::test]
+async fn the_admin_port_drops_silent_connections_and_caps_them() {
+    let h = Harness::start(&format!("{FIXED}[timeouts]\nrequest_headers = \"1s\"\n")).await;
+    h.ready().await;
+    // Nothing sent, and a head never finished: both closed.
+    let mut idle = TcpStream::connect(h.admin).await.unwrap();
+    let mut half = TcpStream::connect(h.admin).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_proxy(&mut idle).await,
+        "idle admin connection left open"
+    );
+    assert!(closed_by_proxy(&mut half).await, "half-sent head left open");
+
+    // A keep-alive connection that answered a probe is closed once it goes quiet, too.
+    let mut s = TcpStream::connect(h.admin).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("alive"));
+    assert!(
+        closed_by_proxy(&mut s).await,
+        "quiet keep-alive connection left open"
+    );
+
+    // The cap: the connections past it are closed at once, the ones within stay.
+    let mut held = Vec::new();
+    for _ in 0..aleph_proxy::admin::MAX_CONNECTIONS {
+        let mut c = TcpStream::connect(h.admin).await.unwrap();
+        // A started head, so each holds its slot until the head timeout.
+        c.write_all(b"GET /").await.unwrap();
+        held.push(c);
+    }
+    let mut extra = TcpStream::connect(h.admin).await.unwrap();
+    assert!(closed_by_proxy(&mut extra).await);
+    // Closed on accept, not by the head timeout: the held ones, older, are still open and serve.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (head, _) = read_response(&mut first, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Once the held ones time out, probes are served again.
+    for mut c in held {
+        assert!(closed_by_proxy(&mut c).await);
+    }
+    let r = client().get(h.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -106,9 +106,18 @@ impl Access {
 /// `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`.
 fn host_without_port(h: &str) -> &str {
     if h.starts_with('[') {
+        // `[v6]` or `[v6]:port`; anything else after the `]` (`[::1].evil.com`) keeps the
+        // whole text, which matches no allowed name.
         match h.find(']') {
-            Some(end) => &h[..=end],
-            None => h,
+            Some(end)
+                if h[end + 1..].is_empty()
+                    || h[end + 1..]
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                &h[..=end]
+            }
+            _ => h,
         }
     } else {
         match h.rfind(':') {
@@ -148,6 +157,7 @@ mod tests {
         assert!(a.check(ip, &headers("localhost:8080")).is_ok());
         assert!(a.check(ip, &headers("[::1]:8080")).is_ok());
         assert!(a.check(ip, &headers("evil.example:8080")).is_err());
+        assert!(a.check(ip, &headers("[::1].evil.example")).is_err());
         assert!(a.check(ip, &HeaderMap::new()).is_ok());
     }
 
@@ -235,5 +245,8 @@ mod tests {
         assert_eq!(host_without_port("a.b:80"), "a.b");
         assert_eq!(host_without_port("[::1]:80"), "[::1]");
         assert_eq!(host_without_port("a.b"), "a.b");
+        for odd in ["[::1].evil.com", "[::1]evil", "[::1]:5evil", "[::1]]"] {
+            assert_eq!(host_without_port(odd), odd);
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! matches on a segment boundary; `contract.default` (or the listener's contract); the credential's
 //! only contract found by discovery. `/contracts` itself is sent without the header.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,77 @@ pub fn is_contracts_path(path: &str) -> bool {
     path == "/contracts" || path == "/contracts/"
 }
 
+/// The path as an upstream that normalises it would see it, for routing: runs of `/` as one,
+/// percent-encoded unreserved characters (`%61` is `a`, RFC 3986 6.2.2.2) decoded. The request
+/// itself goes upstream as the client wrote it; its contract is the one of the path it names.
+/// (Dot segments never get here: the proxy refuses them.)
+pub fn routing_path(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') && !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'/' if out.ends_with('/') => i += 1,
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(c)
+                        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') =>
+                    {
+                        out.push(c as char);
+                        i += 3;
+                    }
+                    _ => {
+                        out.push('%');
+                        i += 1;
+                    }
+                }
+            }
+            _ => {
+                // Copy up to the next byte of interest, whole UTF-8 sequences included.
+                let next = b[i + 1..]
+                    .iter()
+                    .position(|&c| c == b'/' || c == b'%')
+                    .map_or(b.len(), |n| i + 1 + n);
+                out.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Has `path` a `.` or `..` segment, written plainly or percent-encoded (`%2e`)? Upstreams and
+/// caches resolve them, so `/archive/../tasking/x` is `/tasking/x` there: a path the proxy would
+/// route as `/archive/...`, or one that climbs out of the upstream's base path.
+pub fn has_dot_segment(path: &str) -> bool {
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    path.split('/').any(|seg| {
+        let seg = seg.as_bytes();
+        let (mut dots, mut i) = (0, 0);
+        while i < seg.len() {
+            if seg[i] == b'.' {
+                i += 1;
+            } else if seg.len() - i >= 3
+                && seg[i] == b'%'
+                && seg[i + 1] == b'2'
+                && seg[i + 2] | 0x20 == b'e'
+            {
+                i += 3;
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
 /// Does `prefix` match `path` on a segment boundary (`/archive` matches `/archive/stac` and
 /// `/archive`, not `/archives`)?
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -105,6 +177,7 @@ impl ContractRouter {
         if let (true, Some(c)) = (self.allow_client_override, client) {
             return Resolution::Header(c.clone());
         }
+        let path = &*routing_path(path);
         if is_contracts_path(path) {
             return Resolution::NoHeader;
         }
@@ -190,6 +263,52 @@ mod tests {
         assert!(!prefix_matches("/archive", "/archives"));
         assert!(!prefix_matches("/archive", "/"));
         assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn dot_segments_plain_or_encoded() {
+        for p in [
+            "/archive/../tasking/x",
+            "/archive/%2e%2e/tasking/x",
+            "/archive/%2E./x",
+            "/./archive",
+            "/a/.",
+            "/a/..",
+            "/a/%2e",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/a/b.tif",
+            "/a/...",
+            "/a/.b",
+            "/a/%2e%2e%2e",
+            "/a/%2f",
+            "/v1.2/x",
+        ] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn routes_see_the_path_an_upstream_would() {
+        assert_eq!(routing_path("/archive/x"), "/archive/x");
+        assert_eq!(routing_path("//archive//x"), "/archive/x");
+        assert_eq!(routing_path("/%61rchive/x"), "/archive/x");
+        assert_eq!(routing_path("/%41%7e%2D"), "/A~-");
+        // Reserved and non-ASCII encodings stay encoded; broken escapes stay as written.
+        assert_eq!(routing_path("/a%2Fb/%C3%A9/%zz/%4"), "/a%2Fb/%C3%A9/%zz/%4");
+        assert_eq!(routing_path("/é//x%"), "/é/x%");
+        let r = router(
+            &[("/archive", "A"), ("/contracts-x", "X")],
+            Some("D"),
+            false,
+        );
+        assert_eq!(r.resolve("//archive/x", None), h("A"));
+        assert_eq!(r.resolve("/%61rchive/x", None), h("A"));
+        assert_eq!(r.resolve("//contracts", None), Resolution::NoHeader);
+        assert_eq!(r.resolve("/contr%61cts/", None), Resolution::NoHeader);
     }
 
     #[test]

@@ -281,6 +281,20 @@ async fn serve(
             detail: "only request targets that start with '/' are forwarded".into(),
         });
     }
+    // An upstream that echoes TRACE (RFC 9110 9.3.8) would hand the injected token to the client.
+    if req.method() == Method::TRACE {
+        return Err(ProxyError::BadRequest {
+            detail: "TRACE is not forwarded: the API's echo of the request would carry the proxy's credentials".into(),
+        });
+    }
+    // An upstream resolves `/archive/../tasking/x` to `/tasking/x`: routed here by its raw form,
+    // it would carry another path's contract, or climb out of the upstream's base path.
+    if contract::has_dot_segment(req.uri().path()) {
+        return Err(ProxyError::BadRequest {
+            detail: "the path has a '.' or '..' segment (plain or as %2e): send the resolved path"
+                .into(),
+        });
+    }
     l.access.check(remote.ip(), req.headers())?;
     let permit = match l.shared.in_flight.clone().try_acquire_owned() {
         Ok(p) => InFlight::new(p),
