@@ -112,6 +112,9 @@ pub struct AuthConfig {
     pub audience: String,
     pub client_id: String,
     pub client_secret: Secret,
+    /// Where `client_secret` came from, when it came from a file: read again before every token
+    /// request, so a rotated secret (a Kubernetes Secret update) is picked up without a restart.
+    pub client_secret_file: Option<PathBuf>,
     pub token_cache: Option<PathBuf>,
     /// How long a request waits for a token when none is valid (cold start, outage).
     pub wait_timeout: Duration,
@@ -631,6 +634,16 @@ impl Parser<'_> {
     /// that is an error; in different layers, the environment's wins over the file's, as it does
     /// for every key. `Err` when a problem was reported.
     fn secret_inline_or_file(&mut self, key: &str, file_key: &str) -> Result<Option<Secret>, ()> {
+        self.secret_and_file(key, file_key)
+            .map(|found| found.map(|(secret, _)| secret))
+    }
+
+    /// [`Self::secret_inline_or_file`], with the file the secret was read from, if any.
+    fn secret_and_file(
+        &mut self,
+        key: &str,
+        file_key: &str,
+    ) -> Result<Option<(Secret, Option<PathBuf>)>, ()> {
         let (inline_env, file_env) = (
             self.value(key).is_some_and(|v| self.is_from_env(&v)),
             self.value(file_key).is_some_and(|v| self.is_from_env(&v)),
@@ -642,15 +655,19 @@ impl Parser<'_> {
             // A value of the wrong type was reported: not "required" as well.
             return Err(());
         }
+        let from_file = |p: &mut Self, path: PathBuf| {
+            p.secret_file(file_key, &path)
+                .map(|found| found.map(|secret| (secret, Some(path))))
+        };
         match (inline, file) {
-            (Some(s), Some(_)) if inline_env && !file_env => Ok(Some(s)),
-            (Some(_), Some(path)) if file_env && !inline_env => self.secret_file(file_key, &path),
+            (Some(s), Some(_)) if inline_env && !file_env => Ok(Some((s, None))),
+            (Some(_), Some(path)) if file_env && !inline_env => from_file(self, path),
             (Some(_), Some(_)) => {
                 self.problem(format!("set `{key}` or `{file_key}`, not both"));
                 Err(())
             }
-            (Some(s), None) => Ok(Some(s)),
-            (None, Some(path)) => self.secret_file(file_key, &path),
+            (Some(s), None) => Ok(Some((s, None))),
+            (None, Some(path)) => from_file(self, path),
             (None, None) => Ok(None),
         }
     }
@@ -699,8 +716,13 @@ impl Parser<'_> {
             .string("auth.audience")
             .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string());
         let client_id = self.string("auth.client_id");
-        let client_secret =
-            self.secret_inline_or_file("auth.client_secret", "auth.client_secret_file");
+        let client_secret = self.secret_and_file("auth.client_secret", "auth.client_secret_file");
+        let client_secret_file = client_secret
+            .as_ref()
+            .ok()
+            .and_then(|found| found.as_ref())
+            .and_then(|(_, file)| file.clone());
+        let client_secret = client_secret.map(|found| found.map(|(secret, _)| secret));
         let token_cache = self.path("auth.token_cache");
         let wait_timeout = self.duration("auth.wait_timeout", Duration::from_secs(10));
         let retry_initial_backoff =
@@ -730,6 +752,7 @@ impl Parser<'_> {
             audience,
             client_id: client_id.unwrap_or_default(),
             client_secret: client_secret.ok().flatten().unwrap_or_default(),
+            client_secret_file,
             token_cache,
             wait_timeout,
             retry_initial_backoff,
@@ -932,16 +955,19 @@ impl Parser<'_> {
             }
             let credential = if self.value(&format!("{base}.auth")).is_some() {
                 let client_id = self.string(&format!("{base}.auth.client_id"));
-                let secret = self.secret_inline_or_file(
+                let secret = self.secret_and_file(
                     &format!("{base}.auth.client_secret"),
                     &format!("{base}.auth.client_secret_file"),
                 );
                 match (client_id, secret) {
                     (_, Err(())) => 0,
-                    (Some(id), Ok(Some(secret))) if !id.is_empty() && !secret.is_empty() => {
+                    (Some(id), Ok(Some((secret, file))))
+                        if !id.is_empty() && !secret.is_empty() =>
+                    {
                         let auth = AuthConfig {
                             client_id: id,
                             client_secret: secret,
+                            client_secret_file: file,
                             // The token cache belongs to the main credential.
                             token_cache: None,
                             ..main_auth.clone()

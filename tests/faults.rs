@@ -1611,3 +1611,73 @@ async fn soak_20000_requests_100_clients_two_rotations_no_failures() {
         "{fetches} token fetches for {ROTATIONS} rotations"
     );
 }
+
+/// A rotated secret (a Kubernetes Secret update rewrites the mounted file) is picked up at the
+/// next token request, without a restart: a proxy started with an old secret recovers once the
+/// file holds the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_file_is_used_without_a_restart() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "an-old-revoked-secret\n").unwrap();
+    let toml = support::base_toml(&mock).replace(
+        &format!("client_secret = \"{MOCK_CLIENT_SECRET}\""),
+        &format!("client_secret_file = \"{}\"", secret.display()),
+    );
+    let config = aleph_proxy::config::from_figment(&figment::Figment::from(
+        <figment::providers::Toml as figment::providers::Format>::string(&format!(
+            "{toml}[contract]\ndefault = \"contract-123\"\n"
+        )),
+    ))
+    .unwrap();
+    assert_eq!(
+        config.credentials[0].client_secret_file.as_deref(),
+        Some(&*secret)
+    );
+    let h = Harness::start_config(mock, config).await;
+    // Rejected: not ready, and requests get the proxy's 503.
+    eventually(Duration::from_secs(10), || async { h.token_fetches() >= 2 }).await;
+    let r = client().get(h.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    // The file is replaced the way kubelet and `mv` do it: a new file renamed over the old.
+    let staged = dir.path().join("staged");
+    std::fs::write(&staged, MOCK_CLIENT_SECRET).unwrap();
+    std::fs::rename(&staged, &secret).unwrap();
+    h.ready().await;
+    let r = client()
+        .get(h.url("/tasking/products/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `retry.max_elapsed` bounds a request's retries with their waits: a retry that is still waiting
+/// for response headers when the budget ends is cut there (504), instead of running on for
+/// `timeouts.response_headers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_ends_with_the_retry_budget() {
+    init();
+    let h = Harness::start(
+        "[contract]\ndefault = \"contract-123\"\n[retry]\nmax_elapsed = \"1s\"\n[timeouts]\nresponse_headers = \"20s\"\n",
+    )
+    .await;
+    h.ready().await;
+    let s = &h.mock.state;
+    // Every answer takes 700 ms: the first, a 503, leaves 300 ms of the budget for the retry.
+    *s.api_delay.lock().unwrap() = Duration::from_millis(700);
+    *s.api_fail_next.lock().unwrap() = Some((503, 5));
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    let (status, body) = proxy_error(r).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("upstream_timeout"), "{body}");
+    assert_eq!(
+        upstream_hits(&h, "GET", PRODUCTS),
+        2,
+        "the first attempt and one retry"
+    );
+    *s.api_delay.lock().unwrap() = Duration::ZERO;
+    *s.api_fail_next.lock().unwrap() = None;
+}

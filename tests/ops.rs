@@ -1146,6 +1146,7 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
         "aleph_proxy_links_rewritten_total",
         "aleph_proxy_connections_rejected_total",
         "aleph_proxy_spliced_bytes_total",
+        "aleph_proxy_responses_cut_total",
         "aleph_proxy_in_flight_requests",
         "aleph_proxy_upstream_duration_seconds_count",
     ] {

@@ -697,9 +697,13 @@ async fn broken_chunked_response_bodies_are_cut_and_their_connection_is_not_reus
     for (i, path) in paths.into_iter().enumerate() {
         // The head may or may not have left before the body failed; either way the client must
         // not get what looks like a complete response.
+        let cut_before = h.metric("aleph_proxy_responses_cut_total").await;
         if let Ok(r) = client().get(h.url(path)).send().await {
             assert_eq!(r.status(), 200, "{path}");
             assert!(r.bytes().await.is_err(), "{path}: the body must be cut");
+            // The access line said 200: the operator sees the cut in the metrics (and a WARN).
+            let cut = h.metric("aleph_proxy_responses_cut_total").await;
+            assert!(cut > cut_before, "{path}: the cut is counted");
         }
         assert_eq!(get_text(&h.url("/ok")).await, (200, "ok".into()), "{path}");
         assert_eq!(

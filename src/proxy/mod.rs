@@ -390,7 +390,15 @@ async fn forward(
         let request = shared
             .client
             .request(&method, &target, &parts.headers, this_body);
-        let limit = shared.timeouts.response_headers;
+        // A retry lives within `retry.max_elapsed` of the first attempt, its wait included.
+        let limit = if attempt > 0 {
+            shared
+                .timeouts
+                .response_headers
+                .min(deadline.saturating_duration_since(sent))
+        } else {
+            shared.timeouts.response_headers
+        };
         let result = match progress {
             None => tokio::time::timeout_at(sent + limit, request)
                 .await
@@ -402,10 +410,18 @@ async fn forward(
             .record(sent.elapsed().as_secs_f64());
         let resp = match result {
             Err(_) => {
-                tracing::warn!(
-                    timeout_ms = shared.timeouts.response_headers.as_millis() as u64,
-                    "upstream did not send response headers in time"
-                );
+                if limit < shared.timeouts.response_headers {
+                    tracing::warn!(
+                        retry_budget_ms = shared.retry.max_elapsed.as_millis() as u64,
+                        attempt,
+                        "upstream did not send response headers within the retry budget (retry.max_elapsed)"
+                    );
+                } else {
+                    tracing::warn!(
+                        timeout_ms = limit.as_millis() as u64,
+                        "upstream did not send response headers in time"
+                    );
+                }
                 return Err(ProxyError::UpstreamTimeout);
             }
             Ok(Err(e)) => {

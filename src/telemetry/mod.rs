@@ -266,6 +266,10 @@ fn describe() {
         "Connections closed at once because limits.max_connections was reached"
     );
     describe_counter!(
+        "aleph_proxy_responses_cut_total",
+        "Responses cut short because the upstream's body failed midway or did not match its length (their access line says the status that went out)"
+    );
+    describe_counter!(
         "aleph_proxy_spliced_bytes_total",
         Unit::Bytes,
         "Response body bytes moved socket to socket by the kernel (splice), not copied through the proxy"
@@ -281,6 +285,7 @@ fn describe() {
         "aleph_proxy_links_rewritten_total",
         "aleph_proxy_connections_rejected_total",
         "aleph_proxy_spliced_bytes_total",
+        "aleph_proxy_responses_cut_total",
     ] {
         metrics::counter!(name).increment(0);
     }

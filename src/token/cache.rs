@@ -160,6 +160,7 @@ mod tests {
             audience: "https://api.satellogic.com/".into(),
             client_id: client_id.into(),
             client_secret: Secret::new("s"),
+            client_secret_file: None,
             token_cache: None,
             wait_timeout: Duration::from_secs(1),
             retry_initial_backoff: Duration::from_secs(1),

@@ -209,8 +209,9 @@ enum Source {
     OAuth {
         http: reqwest::Client,
         url: url::Url,
-        /// The JSON request body; holds the client secret, so it is never logged.
-        body: Secret,
+        /// The client secret in use: the configured one, or what `auth.client_secret_file`
+        /// held at the last fetch. std Mutex: never held across .await.
+        secret: Mutex<Secret>,
     },
     Legacy(Token),
 }
@@ -254,16 +255,10 @@ impl TokenManager {
                     .user_agent(concat!("aleph-proxy/", env!("CARGO_PKG_VERSION")))
                     .build()
                     .map_err(|e| format!("cannot build the token client: {e}"))?;
-                let body = serde_json::json!({
-                    "client_id": cfg.client_id,
-                    "client_secret": cfg.client_secret.expose(),
-                    "audience": cfg.audience,
-                    "grant_type": "client_credentials",
-                });
                 Source::OAuth {
                     http,
                     url: cfg.token_url.clone(),
-                    body: Secret::new(body.to_string()),
+                    secret: Mutex::new(cfg.client_secret.clone()),
                 }
             }
         };
@@ -531,11 +526,47 @@ impl TokenManager {
         self.current.load().as_ref().map_or(0, |t| t.generation)
     }
 
+    /// The secret for the next token request. With `auth.client_secret_file`, the file is read
+    /// again (a token request comes every few hours, or on a backoff during an outage), so a
+    /// rotated secret is used from the next attempt on; an unreadable or empty file keeps the
+    /// secret in use.
+    fn secret_for_fetch(&self, current: &Mutex<Secret>) -> Secret {
+        let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &self.cfg.client_secret_file {
+            match crate::config::read_secret_file(path) {
+                Ok((new, _)) if new.expose() != current.expose() => {
+                    tracing::info!(
+                        client_id = %self.cfg.client_id,
+                        "auth.client_secret_file holds a new secret: used from this token request on"
+                    );
+                    *current = new;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    client_id = %self.cfg.client_id,
+                    error = %e,
+                    "auth.client_secret_file cannot be read again: the secret read before stays in use"
+                ),
+            }
+        }
+        current.clone()
+    }
+
     /// One fetch from the token endpoint.
     pub async fn fetch(&self) -> Result<Token, FetchError> {
-        let Source::OAuth { http, url, body } = &self.source else {
+        let Source::OAuth { http, url, secret } = &self.source else {
             return Token::legacy(&self.cfg.client_id, &self.cfg.client_secret);
         };
+        // The JSON request body holds the client secret, so it is never logged.
+        let body = Secret::new(
+            serde_json::json!({
+                "client_id": self.cfg.client_id,
+                "client_secret": self.secret_for_fetch(secret).expose(),
+                "audience": self.cfg.audience,
+                "grant_type": "client_credentials",
+            })
+            .to_string(),
+        );
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let result = async {
@@ -747,7 +778,12 @@ impl TokenManager {
                             attempt = failures + 1,
                             retry_in_ms = delay.as_millis() as u64,
                             current_token_usable = still_usable,
-                            "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests will fail once the current token expires"
+                            "{}",
+                            if still_usable {
+                                "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests will fail once the current token expires"
+                            } else {
+                                "CREDENTIAL PROBLEM: the token endpoint rejects this client; requests fail until it accepts it"
+                            }
                         );
                     } else if failures == 0 {
                         tracing::error!(
@@ -846,6 +882,7 @@ mod tests {
             audience: "https://api.satellogic.com/".into(),
             client_id: client_id.into(),
             client_secret: Secret::new(secret),
+            client_secret_file: None,
             token_cache: None,
             wait_timeout: Duration::from_secs(1),
             retry_initial_backoff: Duration::from_secs(1),
