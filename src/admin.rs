@@ -20,6 +20,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub max_in_flight: usize,
+    /// Contract discovery of each credential that needs it: not ready while one is pending.
+    pub discoveries: Vec<tokio::sync::watch::Receiver<crate::proxy::contract::Discovery>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -46,10 +48,15 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             })
         })
         .collect();
-    let ready = !draining && s.tokens.iter().all(|t| t.current_usable().is_some());
+    let discovering = s
+        .discoveries
+        .iter()
+        .any(|d| matches!(*d.borrow(), crate::proxy::contract::Discovery::Pending));
+    let ready = !draining && !discovering && s.tokens.iter().all(|t| t.current_usable().is_some());
     let body = serde_json::json!({
         "ready": ready,
         "draining": draining,
+        "contracts_discovered": !discovering,
         "tokens": tokens,
         "in_flight": s.shared.in_flight(s.max_in_flight),
     });

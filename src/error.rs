@@ -19,8 +19,13 @@ pub const ERROR_HEADER: &str = "x-aleph-proxy-error";
 pub enum ProxyError {
     /// No valid token could be had in time (token endpoint down, credentials rejected).
     NoToken { retry_after: Duration },
-    /// No contract applies to this path and none could be discovered.
-    NoContract { path: String, detail: String },
+    /// No contract applies to this path and none could be discovered; `pending` while
+    /// discovery has not finished (503 with Retry-After: it passes), else 422.
+    NoContract {
+        path: String,
+        detail: String,
+        pending: bool,
+    },
     /// The upstream could not be reached (refused, DNS, TLS).
     UpstreamUnreachable,
     /// The upstream was reached but its answer cannot be passed on: the connection closed
@@ -44,6 +49,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoContract { pending: true, .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoContract { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyError::UpstreamUnreachable | ProxyError::UpstreamBadResponse => {
                 StatusCode::BAD_GATEWAY
@@ -78,7 +84,10 @@ impl ProxyError {
             ProxyError::NoToken { .. } => {
                 "aleph-proxy holds no valid access token: the token endpoint is unreachable or rejects the credentials; retry later".into()
             }
-            ProxyError::NoContract { path, detail } => format!(
+            ProxyError::NoContract { path, detail, pending: true } => format!(
+                "no X-Satellogic-Contract-Id applies to {path} yet: {detail} (the API may be unreachable); retry later"
+            ),
+            ProxyError::NoContract { path, detail, .. } => format!(
                 "no X-Satellogic-Contract-Id applies to {path}: {detail}. Set contract.default, add a [[contract.routes]] rule, or send the header with contract.allow_client_override = true"
             ),
             ProxyError::UpstreamUnreachable => "aleph-proxy could not connect to the upstream API".into(),
@@ -97,6 +106,7 @@ impl ProxyError {
             ProxyError::NoToken { retry_after } | ProxyError::Overloaded { retry_after } => {
                 Some(*retry_after)
             }
+            ProxyError::NoContract { pending: true, .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -144,6 +154,7 @@ mod tests {
         let e = ProxyError::NoContract {
             path: "/tasking/\"x".into(),
             detail: "none configured".into(),
+            pending: false,
         };
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["error"]["code"], "no_contract");

@@ -310,6 +310,7 @@ pub async fn run_with(
         shared: rt.shared.clone(),
         metrics,
         max_in_flight: config.limits.max_in_flight,
+        discoveries: discoveries.values().cloned().collect(),
     };
     let admin_cancel = CancellationToken::new();
     let admin_stop = admin_cancel.clone();

@@ -1681,3 +1681,32 @@ async fn a_retry_ends_with_the_retry_budget() {
     *s.api_delay.lock().unwrap() = Duration::ZERO;
     *s.api_fail_next.lock().unwrap() = None;
 }
+
+/// The API unreachable at start-up, with no `contract.default`: the proxy is not ready while it
+/// cannot discover the credential's contract, and a request meanwhile gets a 503 with
+/// Retry-After (a passing condition), not a 422 that tells clients not to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_and_503_while_contract_discovery_has_not_finished() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    *mock.state.api_fail_next.lock().unwrap() = Some((503, u32::MAX));
+    let h = Harness::start_proxy(mock, "[auth]\nwait_timeout = \"300ms\"\n").await;
+    eventually(Duration::from_secs(10), || async {
+        h.mock.state.api_requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let (status, body) = readyz(&h).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["contracts_discovered"], false, "{body}");
+    let r = get(&client(), h.url(PRODUCTS)).await;
+    assert!(r.headers().get("retry-after").is_some());
+    let (status, code) = proxy_error(r).await;
+    assert_eq!((status, code.as_str()), (503, "no_contract"));
+
+    // The API comes back: discovery finishes, the proxy is ready and requests pass.
+    *h.mock.state.api_fail_next.lock().unwrap() = None;
+    h.ready().await;
+    let (_, body) = readyz(&h).await;
+    assert_eq!(body["contracts_discovered"], true, "{body}");
+    assert_eq!(get(&client(), h.url(PRODUCTS)).await.status(), 200);
+}

@@ -190,8 +190,9 @@ impl ContractRouter {
         Resolution::Discovered
     }
 
-    /// The discovered contract, waiting up to `limit` while discovery runs.
-    pub async fn discovered(&self, limit: Duration) -> Result<HeaderValue, String> {
+    /// The discovered contract, waiting up to `limit` while discovery runs. `Err(None)`: discovery
+    /// has not finished (the API is unreachable at start-up, say), a passing condition.
+    pub async fn discovered(&self, limit: Duration) -> Result<HeaderValue, Option<String>> {
         let mut rx = self.discovery.clone();
         let outcome = tokio::time::timeout(limit, async {
             rx.wait_for(|d| !matches!(d, Discovery::Pending))
@@ -201,8 +202,8 @@ impl ContractRouter {
         .await;
         match outcome {
             Ok(Ok(Discovery::One(h))) => Ok(h),
-            Ok(Ok(Discovery::NotOne(why))) => Err(why),
-            _ => Err("contract discovery (GET /contracts) has not finished yet".into()),
+            Ok(Ok(Discovery::NotOne(why))) => Err(Some(why)),
+            _ => Err(None),
         }
     }
 }

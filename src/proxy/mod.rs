@@ -343,10 +343,18 @@ async fn forward(
             Ok(h) => Some(h),
             // The token expired while discovery waited for one: that is the real cause.
             Err(_) if l.tokens.current_usable().is_none() => return Err(l.tokens.no_token()),
-            Err(detail) => {
+            Err(Some(detail)) => {
                 return Err(ProxyError::NoContract {
                     path: parts.uri.path().to_string(),
                     detail,
+                    pending: false,
+                })
+            }
+            Err(None) => {
+                return Err(ProxyError::NoContract {
+                    path: parts.uri.path().to_string(),
+                    detail: "contract discovery (GET /contracts) has not finished yet".into(),
+                    pending: true,
                 })
             }
         },
