@@ -131,7 +131,7 @@ pub async fn list_contracts(
         })?;
     contracts_with(shared, &token).await.map_err(|e| match e {
         ContractsError::Unauthorized => "GET /contracts answered 401".to_string(),
-        ContractsError::Other(e) => e,
+        ContractsError::Other(e) | ContractsError::Permanent(e) => e,
     })
 }
 
@@ -139,7 +139,11 @@ pub async fn list_contracts(
 enum ContractsError {
     /// The upstream refused the token.
     Unauthorized,
+    /// Unreachable, timed out, 5xx, 408, 429: worth another attempt.
     Other(String),
+    /// An answer that will not change by asking again (another 4xx, a body that is not a
+    /// contract list): discovery ends without a contract.
+    Permanent(String),
 }
 
 /// `GET /contracts` with `token`.
@@ -175,12 +179,17 @@ async fn contracts_with(
         return Err(ContractsError::Unauthorized);
     }
     if !status.is_success() {
-        return Err(ContractsError::Other(format!(
-            "GET /contracts answered {}",
-            status.as_u16()
-        )));
+        let text = format!("GET /contracts answered {}", status.as_u16());
+        let passing = status.is_server_error()
+            || status == http::StatusCode::REQUEST_TIMEOUT
+            || status == http::StatusCode::TOO_MANY_REQUESTS;
+        return Err(if passing {
+            ContractsError::Other(text)
+        } else {
+            ContractsError::Permanent(text)
+        });
     }
-    contract::parse_contracts(&body).map_err(ContractsError::Other)
+    contract::parse_contracts(&body).map_err(ContractsError::Permanent)
 }
 
 /// Runs the proxy on already bound listeners until `shutdown` resolves, then drains.
@@ -362,7 +371,9 @@ async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sen
         let result = match (result, refused.take()) {
             (Err(ContractsError::Unauthorized), Some(before)) => {
                 tokens.replay_answered(&before, &token, PATH, true);
-                Err("GET /contracts answered 401, with a new access token too".to_string())
+                Err(ContractsError::Permanent(
+                    "GET /contracts answered 401, with a new access token too".to_string(),
+                ))
             }
             (Err(ContractsError::Unauthorized), None) => {
                 match tokens.unauthorized(&token, PATH).await {
@@ -370,10 +381,12 @@ async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sen
                         refused = Some(token);
                         continue;
                     }
-                    Unauthorized::PassThrough(_) => Err("GET /contracts answered 401".to_string()),
+                    Unauthorized::PassThrough(_) => Err(ContractsError::Other(
+                        "GET /contracts answered 401".to_string(),
+                    )),
                 }
             }
-            (Err(ContractsError::Other(e)), _) => Err(e),
+            (Err(e), _) => Err(e),
             (Ok(list), before) => {
                 if let Some(before) = before {
                     tokens.replay_answered(&before, &token, PATH, false);
@@ -397,7 +410,18 @@ async fn discover(shared: Arc<Shared>, tokens: Arc<TokenManager>, tx: watch::Sen
                 tx.send_replace(outcome);
                 return;
             }
+            Err(ContractsError::Permanent(why)) => {
+                tracing::warn!(
+                    "no contract discovered: {why}; paths without a route get a 422 until contract.default is set"
+                );
+                tx.send_replace(Discovery::NotOne(why));
+                return;
+            }
             Err(e) => {
+                let e = match e {
+                    ContractsError::Other(e) | ContractsError::Permanent(e) => e,
+                    ContractsError::Unauthorized => "GET /contracts answered 401".to_string(),
+                };
                 let delay = token::schedule::backoff(
                     attempt,
                     Duration::from_secs(1),

@@ -513,6 +513,7 @@ async fn a_path_cannot_choose_its_contract_or_leave_the_base_path() {
         "/./archive/stac/",
         "/../../admin",
         "/contracts/../tasking/products/",
+        "/archive/..%2Ftasking/products/",
     ] {
         let r = raw_exchange(
             h.proxy,

@@ -355,7 +355,7 @@ async fn a_client_hanging_up_abandons_its_request() {
 /// `admin::MAX_CONNECTIONS` at once; probes keep working when those are gone.
 #[tokio::test]
 async fn the_admin_port_drops_silent_connections_and_caps_them() {
-    let h = Harness::start(&format!("{FIXED}[timeouts]\nrequest_headers = \"1s\"\n")).await;
+    let h = Harness::start(&format!("{FIXED}[timeouts]\nrequest_headers = \"3s\"\n")).await;
     h.ready().await;
     // Nothing sent, and a head never finished: both closed.
     let mut idle = TcpStream::connect(h.admin).await.unwrap();

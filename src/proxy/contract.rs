@@ -118,6 +118,21 @@ pub fn has_dot_segment(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
     }
+    // Upstreams that decode `%2F` (or take `\` and `%5C` for `/`, as some servers and CDNs do)
+    // before resolving dot segments see `..%2F` as `../`: those are separators here too.
+    if path.contains('%') || path.contains('\\') {
+        let mut spread = path.replace('\\', "/");
+        for sep in ["%2F", "%2f", "%5C", "%5c"] {
+            if spread.contains(sep) {
+                spread = spread.replace(sep, "/");
+            }
+        }
+        return dot_segment_among(&spread);
+    }
+    dot_segment_among(path)
+}
+
+fn dot_segment_among(path: &str) -> bool {
     path.split('/').any(|seg| {
         let seg = seg.as_bytes();
         let (mut dots, mut i) = (0, 0);
@@ -269,6 +284,10 @@ mod tests {
     #[test]
     fn dot_segments_plain_or_encoded() {
         for p in [
+            "/archive/..%2Ftasking/x",
+            "/..%2f..%2fadmin",
+            "/archive/%2e%2e%5Ctasking",
+            "/archive/..\\tasking",
             "/archive/../tasking/x",
             "/archive/%2e%2e/tasking/x",
             "/archive/%2E./x",

@@ -255,6 +255,10 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The least of the retry budget a retry is started with: one that would have less gets the
+/// previous answer instead of a wait cut short at once.
+const RETRY_WINDOW: Duration = Duration::from_millis(250);
+
 async fn serve(
     l: &Listener,
     remote: SocketAddr,
@@ -321,7 +325,6 @@ async fn forward(
     req: Request<Incoming>,
     rid: &HeaderValue,
 ) -> Result<(Response<PassBody>, Method), ProxyError> {
-    let started = tokio::time::Instant::now();
     let shared = &l.shared;
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts
@@ -369,7 +372,8 @@ async fn forward(
     let body = read_body(body, &parts.headers, shared).await?;
     let method = parts.method.clone();
     let retryable_method = is_idempotent(&method);
-    let deadline = started + shared.retry.max_elapsed;
+    // The retry budget, counted from the first attempt (set when it is sent).
+    let mut deadline: Option<tokio::time::Instant> = None;
     let mut attempt: u32 = 0;
     // The token an upstream 401 refused, once the request was sent again with a newer one.
     let mut refused: Option<Arc<Token>> = None;
@@ -398,12 +402,15 @@ async fn forward(
         let request = shared
             .client
             .request(&method, &target, &parts.headers, this_body);
-        // A retry lives within `retry.max_elapsed` of the first attempt, its wait included.
+        let deadline = *deadline.get_or_insert(sent + shared.retry.max_elapsed);
+        // A retry lives within `retry.max_elapsed` of the first attempt, its wait included (at
+        // least RETRY_WINDOW: a retry is only started with that much of the budget left, and a
+        // 401 replay after a retry must not fail before it is sent).
         let limit = if attempt > 0 {
             shared
                 .timeouts
                 .response_headers
-                .min(deadline.saturating_duration_since(sent))
+                .min(deadline.saturating_duration_since(sent).max(RETRY_WINDOW))
         } else {
             shared.timeouts.response_headers
         };
@@ -460,7 +467,7 @@ async fn forward(
                         Duration::from_secs(2),
                         rand::random(),
                     );
-                    if tokio::time::Instant::now() + delay < deadline {
+                    if tokio::time::Instant::now() + delay + RETRY_WINDOW <= deadline {
                         tracing::warn!(error = %kind, attempt = attempt + 1, "upstream connect failed; retrying");
                         metrics::counter!("aleph_proxy_upstream_retries_total", "reason" => "connect").increment(1);
                         attempt += 1;
@@ -557,8 +564,8 @@ async fn forward(
                 });
             // The delay is the upstream's word (Retry-After): checked, it may be any size.
             let in_time = tokio::time::Instant::now()
-                .checked_add(delay)
-                .is_some_and(|at| at < deadline);
+                .checked_add(delay + RETRY_WINDOW)
+                .is_some_and(|at| at <= deadline);
             if in_time {
                 tracing::info!(
                     status = status.as_u16(),

@@ -193,7 +193,8 @@ impl ResponsePolicy {
                 Some(Err(e)) => {
                     // The upstream body failed midway: the client sees a truncated response, as
                     // it would without rewriting.
-                    tracing::warn!(error = %e, "upstream response body failed");
+                    // The connection logs the cut (WARN, aleph_proxy_responses_cut_total).
+                    tracing::debug!(error = %e, "upstream response body failed");
                     let failed =
                         http_body_util::StreamBody::new(futures_util::stream::iter(vec![Err::<
                             http_body::Frame<Bytes>,
