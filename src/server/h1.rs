@@ -835,12 +835,7 @@ impl Conn {
         w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         w.extend_from_slice(b"\r\n");
         let mut has_date = false;
-        // For the log line of a response cut short (the header is the proxy's own, always set).
-        let mut rid: Option<HeaderValue> = None;
         for (name, value) in headers.iter() {
-            if *name == crate::proxy::headers::REQUEST_ID {
-                rid = Some(value.clone());
-            }
             if *name == header::CONNECTION
                 || (!keep_framing
                     && (*name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING))
@@ -873,13 +868,16 @@ impl Conn {
             w.extend_from_slice(b"\r\n");
         }
         w.extend_from_slice(b"\r\n");
-        crate::http1::recycle(headers);
 
         if out == Out::None {
             drop(body);
+            crate::http1::recycle(headers);
             self.flush().await?;
             return Ok(keep_alive);
         }
+        // The head stays until the body is written: a body cut short is logged with its
+        // request id, looked up only then.
+        let rid = headers.get(crate::proxy::headers::REQUEST_ID);
         let mut left = match out {
             Out::Length(n) => n,
             _ => u64::MAX,
@@ -888,7 +886,7 @@ impl Conn {
             // A large body passing through unchanged moves socket to socket.
             if matches!(out, Out::Length(_)) && left >= splice::MIN && body.can_splice() {
                 if let Ok(pipe) = splice::Pipe::new() {
-                    let moved = self.splice(&mut body, pipe, &rid).await?;
+                    let moved = self.splice(&mut body, pipe, rid).await?;
                     if moved > left {
                         return Err(WriteFailed::Body);
                     }
@@ -912,7 +910,7 @@ impl Conn {
                 Some(None) => break,
                 Some(Some(Ok(frame))) => frame,
                 Some(Some(Err(e))) => {
-                    cut_short(&rid, &e.to_string());
+                    cut_short(rid, &e.to_string());
                     self.flush().await?;
                     return Err(WriteFailed::Body);
                 }
@@ -926,7 +924,7 @@ impl Conn {
             }
             if data.len() as u64 > left {
                 // More than the length announced: the response is cut where it said it ends.
-                cut_short(&rid, "the body is longer than its Content-Length");
+                cut_short(rid, "the body is longer than its Content-Length");
                 data.truncate(left as usize);
                 self.out.extend_from_slice(&data);
                 self.flush().await?;
@@ -954,13 +952,14 @@ impl Conn {
             Out::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
             Out::Length(_) if left > 0 => {
                 // The body ended before its announced length.
-                cut_short(&rid, "the body ended before its Content-Length");
+                cut_short(rid, "the body ended before its Content-Length");
                 self.flush().await?;
                 return Err(WriteFailed::Body);
             }
             _ => {}
         }
         self.flush().await?;
+        crate::http1::recycle(headers);
         Ok(keep_alive)
     }
 
@@ -971,7 +970,7 @@ impl Conn {
         &mut self,
         body: &mut ProxyBody,
         mut pipe: splice::Pipe,
-        rid: &Option<HeaderValue>,
+        rid: Option<&HeaderValue>,
     ) -> Result<u64, WriteFailed> {
         self.flush().await?;
         let io = &self.io;
@@ -1232,10 +1231,10 @@ fn date(out: &mut Vec<u8>) {
 /// The upstream's response body failed midway, or did not match its length: the client's
 /// response is cut short (the client sees an incomplete body, never a complete-looking one). The
 /// access line, written when the head went out, says 200; this line says what happened.
-fn cut_short(rid: &Option<HeaderValue>, why: &str) {
+fn cut_short(rid: Option<&HeaderValue>, why: &str) {
     metrics::counter!("aleph_proxy_responses_cut_total").increment(1);
     tracing::warn!(
-        request_id = rid.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+        request_id = rid.and_then(|v| v.to_str().ok()).unwrap_or(""),
         error = why,
         "upstream response body failed; the client's response is cut short"
     );
