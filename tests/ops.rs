@@ -1698,3 +1698,75 @@ async fn the_images_commands_and_env_defaults_work() {
     assert_eq!(o.code, Some(0), "{}{}", o.stdout, o.stderr);
     assert!(!o.stdout.contains("EXPOSED"));
 }
+
+/// During an upstream outage every request fails the same way: the WARN line of that failure is
+/// written at most once a second, the next one saying how many were left out; every request
+/// still gets its 502 and its access line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_logs_one_warning_a_second_not_one_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let dead = free_addr();
+    let mut c = aleph();
+    c.args(DEMO_ON_FREE_PORTS)
+        .args(["--upstream", &format!("http://{dead}")])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("demo prints its address")
+            .unwrap()
+            .expect("stdout open");
+        if let Some(rest) = line.split("the proxy on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let c = client();
+    let started = std::time::Instant::now();
+    const REQUESTS: usize = 40;
+    for _ in 0..REQUESTS {
+        let r = c
+            // /contracts needs no contract (discovery cannot finish with the API down), and a
+            // POST is not retried: one failure per request.
+            .post(format!("http://{proxy}/contracts"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    let seconds = started.elapsed().as_secs() as usize;
+    // SIGTERM, not a kill: the drain writes out the log lines still batched.
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warned = text
+        .lines()
+        .filter(|l| l.contains("upstream request failed"))
+        .count();
+    let accessed = text
+        .lines()
+        .filter(|l| l.contains("path=/contracts") && l.contains("status=502"))
+        .count();
+    assert_eq!(
+        accessed, REQUESTS,
+        "every request has its access line:\n{text}"
+    );
+    assert!(
+        (1..=seconds + 2).contains(&warned),
+        "{warned} warnings for {REQUESTS} failures in {seconds} s:\n{text}"
+    );
+    if warned > 1 {
+        assert!(text.contains("suppressed="), "{text}");
+    }
+}

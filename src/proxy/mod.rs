@@ -10,6 +10,7 @@ pub mod contract;
 pub mod headers;
 pub mod response;
 
+use crate::telemetry::throttle::warn_throttled;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -426,13 +427,13 @@ async fn forward(
         let resp = match result {
             Err(_) => {
                 if limit < shared.timeouts.response_headers {
-                    tracing::warn!(
+                    warn_throttled!(
                         retry_budget_ms = shared.retry.max_elapsed.as_millis() as u64,
                         attempt,
                         "upstream did not send response headers within the retry budget (retry.max_elapsed)"
                     );
                 } else {
-                    tracing::warn!(
+                    warn_throttled!(
                         timeout_ms = limit.as_millis() as u64,
                         "upstream did not send response headers in time"
                     );
@@ -468,14 +469,14 @@ async fn forward(
                         rand::random(),
                     );
                     if tokio::time::Instant::now() + delay + RETRY_WINDOW <= deadline {
-                        tracing::warn!(error = %kind, attempt = attempt + 1, "upstream connect failed; retrying");
+                        warn_throttled!(error = %kind, attempt = attempt + 1, "upstream connect failed; retrying");
                         metrics::counter!("aleph_proxy_upstream_retries_total", "reason" => "connect").increment(1);
                         attempt += 1;
                         tokio::time::sleep(delay).await;
                         continue;
                     }
                 }
-                tracing::warn!(error = %kind, "upstream request failed");
+                warn_throttled!(error = %kind, "upstream request failed");
                 return Err(if timed_out(&e) || kind.contains("timed out") {
                     ProxyError::UpstreamTimeout
                 } else if connect {
@@ -500,7 +501,7 @@ async fn forward(
             };
             let reason = if mentions_contract(&rparts.headers, &text) {
                 // A new token cannot fix a contract problem: pass it through, no loop.
-                tracing::warn!("upstream 401 names the contract; passed through");
+                warn_throttled!("upstream 401 names the contract; passed through");
                 pass_reason::CONTRACT
             } else if let Some(refused) = &refused {
                 // The replay with a newer token was refused as well.
@@ -518,14 +519,14 @@ async fn forward(
                         continue;
                     }
                     Unauthorized::Replay(_) => {
-                        tracing::warn!(
+                        warn_throttled!(
                             "upstream 401 on a streamed body that cannot be replayed; passed through"
                         );
                         pass_reason::NOT_REPLAYABLE
                     }
                     Unauthorized::PassThrough(reason) => {
                         if reason == pass_reason::NO_NEW_TOKEN {
-                            tracing::warn!(
+                            warn_throttled!(
                                 "upstream 401 and no new access token to try; passed through"
                             );
                         }

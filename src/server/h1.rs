@@ -1233,7 +1233,7 @@ fn date(out: &mut Vec<u8>) {
 /// access line, written when the head went out, says 200; this line says what happened.
 fn cut_short(rid: Option<&HeaderValue>, why: &str) {
     metrics::counter!("aleph_proxy_responses_cut_total").increment(1);
-    tracing::warn!(
+    crate::telemetry::throttle::warn_throttled!(
         request_id = rid.and_then(|v| v.to_str().ok()).unwrap_or(""),
         error = why,
         "upstream response body failed; the client's response is cut short"

@@ -21,6 +21,7 @@ mod text;
 pub use request::{InRequest, REQUEST_SPAN};
 
 mod request;
+pub mod throttle;
 
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init_logging(format: LogFormat) {
