@@ -1648,19 +1648,13 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     let h = Harness::start_config(mock, config).await;
     // Rejected: not ready, and requests get the proxy's 503.
     eventually(Duration::from_secs(10), || async { h.token_fetches() >= 2 }).await;
-    let r = client().get(h.admin_url("/readyz")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(readyz(&h).await.0, 503);
     // The file is replaced the way kubelet and `mv` do it: a new file renamed over the old.
     let staged = dir.path().join("staged");
     std::fs::write(&staged, MOCK_CLIENT_SECRET).unwrap();
     std::fs::rename(&staged, &secret).unwrap();
     h.ready().await;
-    let r = client()
-        .get(h.url("/tasking/products/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(get(&client(), h.url(PRODUCTS)).await.status(), 200);
 }
 
 /// `retry.max_elapsed` bounds a request's retries with their waits: a retry that is still waiting

@@ -1108,6 +1108,21 @@ const DEMO_ON_FREE_PORTS: [&str; 5] = [
     "127.0.0.1:0",
 ];
 
+/// The proxy address a running `demo` (stdout piped) prints.
+async fn demo_proxy_address(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("demo prints its address")
+            .unwrap()
+            .expect("stdout open");
+        if let Some(rest) = line.split("the proxy on http://").nth(1) {
+            return rest.split_whitespace().next().unwrap().to_string();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_mock_on_the_ports_it_prints() {
     let mut c = aleph();
@@ -1199,17 +1214,8 @@ async fn demo_serves_the_mock_on_the_ports_it_prints() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("demo starts with ALEPH_PROXY_CONFIG set")
-            .unwrap()
-            .expect("stdout open");
-        if line.contains("the proxy on http://") {
-            break;
-        }
-    }
+    // Starts although ALEPH_PROXY_CONFIG names no file.
+    demo_proxy_address(&mut child).await;
     child.kill().await.unwrap();
 }
 
@@ -1713,17 +1719,7 @@ async fn an_outage_logs_one_warning_a_second_not_one_per_request() {
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap());
     let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("demo prints its address")
-            .unwrap()
-            .expect("stdout open");
-        if let Some(rest) = line.split("the proxy on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let proxy = demo_proxy_address(&mut child).await;
     let c = client();
     let started = std::time::Instant::now();
     const REQUESTS: usize = 40;

@@ -509,11 +509,7 @@ async fn api_handler(
 /// ConditionalGetMiddleware does behind the API.
 async fn conditional_json(resp: Response, method: &Method, req_headers: &HeaderMap) -> Response {
     use std::hash::{Hash, Hasher};
-    let is_json = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
+    let is_json = is_json(&resp);
     if !is_json || resp.status() != StatusCode::OK || !matches!(*method, Method::GET | Method::HEAD)
     {
         return resp;
@@ -544,6 +540,13 @@ async fn conditional_json(resp: Response, method: &Method, req_headers: &HeaderM
     Response::from_parts(parts, Body::from(bytes))
 }
 
+fn is_json(resp: &Response) -> bool {
+    resp.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"))
+}
+
 /// JSON answers are gzip-compressed when the client accepts it, as API gateways do.
 async fn compress_json(resp: Response, req_headers: &HeaderMap) -> Response {
     use std::io::Write;
@@ -551,11 +554,7 @@ async fn compress_json(resp: Response, req_headers: &HeaderMap) -> Response {
         .get("accept-encoding")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
-    let is_json = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
+    let is_json = is_json(&resp);
     if !wants_gzip || !is_json {
         return resp;
     }

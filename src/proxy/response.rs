@@ -61,7 +61,7 @@ impl ResponsePolicy {
     /// The base URL clients should use to come back through this listener: its `public_url`
     /// (no trailing slash), else the Host the client used (scheme http), else the listener's
     /// address.
-    pub fn public_base(
+    fn public_base(
         &self,
         headers: &HeaderMap,
         local: SocketAddr,
@@ -231,30 +231,28 @@ impl ResponsePolicy {
         match rw.rewrite_json(text, base) {
             Some((new_body, count)) => {
                 metrics::counter!("aleph_proxy_links_rewritten_total").increment(count as u64);
-                // Sent as identity: the client is a local hop where compression buys nothing.
-                parts.headers.remove(header::CONTENT_ENCODING);
-                drop_byte_identity(&mut parts.headers);
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-                Response::from_parts(parts, body::full(new_body))
+                identity(parts, new_body)
             }
             // Nothing to rewrite. A decoded success is sent decoded all the same, so a GET is
             // always what its HEAD said (identity, no upstream length) whatever the body holds.
             // The API's errors pass as they came.
             None => match decoded {
-                Some(d) if parts.status.is_success() => {
-                    parts.headers.remove(header::CONTENT_ENCODING);
-                    drop_byte_identity(&mut parts.headers);
-                    parts
-                        .headers
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(d.len()));
-                    Response::from_parts(parts, body::full(d))
-                }
+                Some(d) if parts.status.is_success() => identity(parts, d),
                 _ => Response::from_parts(parts, body::full(original)),
             },
         }
     }
+}
+
+/// A body that is not the upstream's bytes, sent as identity with its own length: the client is
+/// a local hop where compression buys nothing.
+fn identity(mut parts: http::response::Parts, body: Vec<u8>) -> Response<ProxyBody> {
+    parts.headers.remove(header::CONTENT_ENCODING);
+    drop_byte_identity(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, body::full(body))
 }
 
 /// A JSON response passed through with its links as the upstream wrote them.
