@@ -8,6 +8,12 @@ wrk load on it, dumps the counters and divides by the requests wrk completed. Wi
 and HAProxy (1 worker each, the bench.py configurations) are counted the same way.
 
     bench/instructions.py --bin target/release/aleph-proxy [--bin OTHER ...] [--peers] [--variant w1+info]
+                          [--cache]
+
+--cache adds callgrind's cache and branch simulation (slower, fewer requests counted) and
+reports per request the first-level instruction and data cache misses and the mispredicted
+branches: two proxies executing as many instructions can still differ in how much of their
+code and data the caches hold.
 
 Needs valgrind (apt-get install -y valgrind) besides bench.py's packages. Kernel time is not
 counted: it is the same four socket calls per request for every proxy (BENCHMARKS.md).
@@ -24,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench as B  # noqa: E402
 
 
+SIM = []  # ["--cache-sim=yes", "--branch-sim=yes"] with --cache
+
+
 def callgrind_argv(work, name, argv):
     return [
         "valgrind",
@@ -31,15 +40,20 @@ def callgrind_argv(work, name, argv):
         f"--callgrind-out-file={work}/{name}.cg.%p",
         "--dump-instr=no",
         "--trace-children=no",
-    ] + argv
+    ] + SIM + argv
 
 
-def total_ir(path):
+def totals(path):
+    """The dump's event totals by name (Ir; with the simulations also I1mr, D1mr, D1mw, Bcm,
+    Bim...)."""
+    events = None
     with open(path) as f:
         for line in f:
-            m = re.match(r"(summary|totals):\s+(\d+)", line)
-            if m:
-                return int(m.group(2))
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            m = re.match(r"(summary|totals):\s+([\d ]+)", line)
+            if m and events:
+                return dict(zip(events, map(int, m.group(2).split())))
     raise SystemExit(f"no totals in {path}")
 
 
@@ -57,7 +71,8 @@ def count(bench, name, port, pid, conns, seconds):
             time.sleep(0.5)  # the dump is written in one go; let it finish
             if r["requests"] == 0:
                 raise SystemExit(f"{name}: no request completed under callgrind")
-            return total_ir(sorted(new)[-1]) / r["requests"], r["requests"]
+            t = totals(sorted(new)[-1])
+            return {k: v / r["requests"] for k, v in t.items()}, r["requests"]
         time.sleep(0.1)
     raise SystemExit(f"{name}: no callgrind dump")
 
@@ -69,6 +84,7 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--cache", action="store_true", help="also simulate caches and branch prediction")
     ap.add_argument(
         "--variant",
         default="w1",
@@ -76,6 +92,8 @@ def main():
         "single-threaded, so use w1",
     )
     args = ap.parse_args()
+    if args.cache:
+        SIM.extend(["--cache-sim=yes", "--branch-sim=yes"])
     for tool in ("valgrind", "callgrind_control", "nginx", "wrk"):
         if not B.shutil.which(tool):
             sys.exit(f"{tool} not found: apt-get install -y valgrind nginx-light haproxy wrk")
@@ -123,10 +141,14 @@ def main():
     finally:
         bench.stop()
     print(f"\nwrk -t1 -c{args.conns} -d{args.duration}s under callgrind; user-space instructions per request:\n")
-    print("| target | instructions/request | requests counted |")
-    print("|---|---:|---:|")
+    cols = [("Ir", "instructions")]
+    if args.cache:
+        cols += [("I1mr", "L1i misses"), ("D1mr", "L1d read misses"), ("D1mw", "L1d write misses"),
+                 ("Bcm", "mispredicted cond. branches"), ("Bim", "mispredicted ind. branches")]
+    print("| target | " + " | ".join(c[1] + "/request" for c in cols) + " | requests counted |")
+    print("|---|" + "---:|" * (len(cols) + 1))
     for what, per, n in rows:
-        print(f"| {what} | {per:,.0f} | {n} |")
+        print(f"| {what} | " + " | ".join(f"{per.get(c[0], 0):,.{0 if c[0] == 'Ir' else 1}f}" for c in cols) + f" | {n} |")
 
 
 if __name__ == "__main__":

@@ -153,15 +153,16 @@ async fn contracts_with(
 ) -> Result<Vec<ContractInfo>, ContractsError> {
     let target = shared.upstream_path("/contracts");
     let mut headers = http::HeaderMap::new();
-    headers.insert(proxy::headers::AUTHORIZATION_TOKEN, token.header.clone());
     headers.insert(
         http::header::ACCEPT,
         http::HeaderValue::from_static("application/json"),
     );
+    let token_field = [(proxy::headers::AUTHORIZATION_TOKEN, Some(&token.header))];
     let get = shared.client.request(
         &http::Method::GET,
         &target,
         &headers,
+        &token_field,
         body::PassBody::Buffered(Bytes::new()),
     );
     let other = |s: &str| ContractsError::Other(s.to_string());

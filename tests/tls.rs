@@ -196,6 +196,14 @@ async fn tls_upstream_with_a_ca_file_and_an_egress_proxy() {
     assert!(echoes
         .iter()
         .all(|r| r.version == axum::http::Version::HTTP_2));
+    // The proxy's fields reach an HTTP/2 upstream as they reach an HTTP/1.1 one: once each.
+    for r in &echoes {
+        let token: Vec<_> = r.headers.get_all("authorizationtoken").iter().collect();
+        assert_eq!(token.len(), 1);
+        assert!(token[0].to_str().unwrap().starts_with("Bearer mock-token-"));
+        assert_eq!(r.headers["x-satellogic-contract-id"], "contract-123");
+        assert_eq!(r.headers.get_all("x-request-id").iter().count(), 1);
+    }
     assert_eq!(
         h.mock.state.api_connections.load(Ordering::SeqCst),
         1,

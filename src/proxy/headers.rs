@@ -82,50 +82,56 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares the client's headers for the upstream: strips hop-by-hop headers, every client
-/// credential (`authorizationToken`, `Authorization`, `Cookie` is kept: it is not a credential of
-/// this API), the inbound access key, and the contract header unless the client may override it;
-/// then injects the proxy's token and contract. Returns the client's contract header when it was
-/// allowed to stand.
-pub fn prepare_request(
-    headers: &mut HeaderMap,
-    access_key_header: &HeaderName,
-    token: &HeaderValue,
-    contract: Option<&HeaderValue>,
-    request_id: &HeaderValue,
-) {
+/// credential (`authorizationToken`, `Authorization`; `Cookie` is kept: it is not a credential of
+/// this API), the inbound access key, and the client's contract header and request id. The
+/// proxy's own values for those go out as [`injected`] fields, after the map's.
+pub fn prepare_request(headers: &mut HeaderMap, access_key_header: &HeaderName) {
     strip_hop_by_hop(headers);
     // Host stays in the map (access checks and link rewriting read it); the upstream request
     // is written with the upstream's own (upstream::h1::write_head, and `:authority` for
     // HTTP/2, where the map's Host is removed).
-    // The client credentials to strip are found in one pass over the names (usually there are
-    // none): a `remove` hashes its name even when it is absent.
+    // The names to strip are found in one pass (usually there are none): a `remove` hashes its
+    // name even when it is absent.
     let key_len = access_key_header.as_str().len();
     let (mut authorization, mut key, mut accept_encoding) = (false, false, false);
+    let (mut token, mut contract, mut request_id) = (false, false, false);
     for name in headers.keys() {
         authorization |= *name == header::AUTHORIZATION;
         accept_encoding |= *name == header::ACCEPT_ENCODING;
         key |= name.as_str().len() == key_len && name == access_key_header;
+        token |= *name == AUTHORIZATION_TOKEN;
+        contract |= *name == CONTRACT_ID;
+        request_id |= *name == REQUEST_ID;
     }
     if accept_encoding {
         narrow_accept_encoding(headers);
     }
-    if authorization {
-        headers.remove(header::AUTHORIZATION);
-    }
-    if key {
-        headers.remove(access_key_header);
-    }
-    // `insert` replaces every client-sent value, whatever its case or count.
-    headers.insert(AUTHORIZATION_TOKEN, token.clone());
-    match contract {
-        Some(c) => {
-            headers.insert(CONTRACT_ID, c.clone());
-        }
-        None => {
-            headers.remove(CONTRACT_ID);
+    for (name, present) in [
+        (&header::AUTHORIZATION, authorization),
+        (access_key_header, key),
+        (&AUTHORIZATION_TOKEN, token),
+        (&CONTRACT_ID, contract),
+        (&REQUEST_ID, request_id),
+    ] {
+        if present {
+            // Every value, whatever its case or count.
+            headers.remove(name);
         }
     }
-    headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// The fields the proxy adds to a request prepared by [`prepare_request`]: its token, the
+/// contract (none for the paths that take no contract header), the request id.
+pub fn injected<'a>(
+    token: &'a HeaderValue,
+    contract: Option<&'a HeaderValue>,
+    request_id: &'a HeaderValue,
+) -> [(HeaderName, Option<&'a HeaderValue>); 3] {
+    [
+        (AUTHORIZATION_TOKEN, Some(token)),
+        (CONTRACT_ID, contract),
+        (REQUEST_ID, Some(request_id)),
+    ]
 }
 
 /// The content codings the proxy can read (link rewriting, the contract check of a 401): gzip,
@@ -314,32 +320,41 @@ mod tests {
         );
         h.insert("authorization", HeaderValue::from_static("Basic abc"));
         h.insert("x-aleph-proxy-key", HeaderValue::from_static("k"));
+        h.insert("x-satellogic-contract-id", HeaderValue::from_static("c0"));
+        h.insert("x-request-id", HeaderValue::from_static("client-id"));
         h.insert("host", HeaderValue::from_static("evil"));
         h.insert("connection", HeaderValue::from_static("keep-alive, x-drop"));
         h.insert("x-drop", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
+        let key = HeaderName::from_static("x-aleph-proxy-key");
+        prepare_request(&mut h, &key);
+        for gone in [
+            "authorizationtoken",
+            "authorization",
+            "x-aleph-proxy-key",
+            "x-satellogic-contract-id",
+            "x-request-id",
+            "x-drop",
+            "connection",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone}");
+        }
+        assert_eq!(h["x-keep"], "1");
+        assert_eq!(h["host"], "evil");
+
         let mut tok = HeaderValue::from_static("Bearer proxy");
         tok.set_sensitive(true);
-        let key = HeaderName::from_static("x-aleph-proxy-key");
-        prepare_request(
-            &mut h,
-            &key,
-            &tok,
-            Some(&HeaderValue::from_static("c1")),
-            &HeaderValue::from_static("rid"),
-        );
-        let toks: Vec<_> = h.get_all(AUTHORIZATION_TOKEN).iter().collect();
-        assert_eq!(toks, vec![&HeaderValue::from_static("Bearer proxy")]);
-        assert!(h.get(AUTHORIZATION_TOKEN).unwrap().is_sensitive());
+        let c1 = HeaderValue::from_static("c1");
+        let rid = HeaderValue::from_static("rid");
+        let extra = injected(&tok, Some(&c1), &rid);
+        assert_eq!(extra[0], (AUTHORIZATION_TOKEN, Some(&tok)));
+        assert!(extra[0].1.unwrap().is_sensitive());
         // What a `?headers` log field or a hyper/h2 trace would print: no token. (h2 also sends
         // sensitive values never-indexed, out of reach of HPACK compression attacks.)
-        assert!(!format!("{h:?}").contains("Bearer proxy"));
-        assert!(h.get("authorization").is_none());
-        assert!(h.get("x-aleph-proxy-key").is_none());
-        assert!(h.get("x-drop").is_none());
-        assert!(h.get("connection").is_none());
-        assert_eq!(h["x-keep"], "1");
-        assert_eq!(h[CONTRACT_ID], "c1");
+        assert!(!format!("{extra:?}").contains("Bearer proxy"));
+        assert_eq!(extra[1], (CONTRACT_ID, Some(&c1)));
+        assert_eq!(extra[2], (REQUEST_ID, Some(&rid)));
+        assert_eq!(injected(&tok, None, &rid)[1], (CONTRACT_ID, None));
     }
 
     #[test]

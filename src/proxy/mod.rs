@@ -363,13 +363,7 @@ async fn forward(
             }
         },
     };
-    headers::prepare_request(
-        &mut parts.headers,
-        &l.access.cfg.key_header,
-        &token.header,
-        contract.as_ref(),
-        rid,
-    );
+    headers::prepare_request(&mut parts.headers, &l.access.cfg.key_header);
     let body = read_body(body, &parts.headers, shared).await?;
     let method = parts.method.clone();
     let retryable_method = is_idempotent(&method);
@@ -386,9 +380,6 @@ async fn forward(
         let mut now = tokio::time::Instant::now();
         if !token.is_usable(now) {
             token = l.tokens.token().await?;
-            parts
-                .headers
-                .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
             now = tokio::time::Instant::now();
         }
         let replay = body.as_ref().and_then(|b| b.try_clone());
@@ -400,9 +391,10 @@ async fn forward(
         let progress = this_body.track();
         // Nothing waited since `now` was read.
         let sent = now;
+        let extra = headers::injected(&token.header, contract.as_ref(), rid);
         let request = shared
             .client
-            .request(&method, &target, &parts.headers, this_body);
+            .request(&method, &target, &parts.headers, &extra, this_body);
         let deadline = *deadline.get_or_insert(sent + shared.retry.max_elapsed);
         // A retry lives within `retry.max_elapsed` of the first attempt, its wait included (at
         // least RETRY_WINDOW: a retry is only started with that much of the budget left, and a
@@ -513,9 +505,6 @@ async fn forward(
                     Unauthorized::Replay(newer) if can_replay => {
                         metrics::counter!("aleph_proxy_unauthorized_refreshes_total").increment(1);
                         refused = Some(std::mem::replace(&mut token, newer));
-                        parts
-                            .headers
-                            .insert(headers::AUTHORIZATION_TOKEN, token.header.clone());
                         continue;
                     }
                     Unauthorized::Replay(_) => {

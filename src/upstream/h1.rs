@@ -30,10 +30,71 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::body::{BoxError, PassBody};
 use crate::http1::{parse_length, take, Chunk, Decoded};
 
-/// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel).
-pub type Io = hyper_util::rt::TokioIo<
-    hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+/// The upstream socket: TCP, or TLS over TCP (possibly through the egress proxy's tunnel), read
+/// and written through tokio's traits directly. (The connector's `TokioIo<MaybeHttpsStream<..>>`
+/// converts every read between tokio's and hyper's buffer types twice.)
+pub enum Io {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<Tls>),
+}
+
+/// What hyper-rustls's connector makes of a TCP stream: its TLS stream over a `TokioIo` of the
+/// connector's `TokioIo`.
+type Tls = tokio_rustls::client::TlsStream<
+    hyper_util::rt::TokioIo<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
 >;
+
+impl Io {
+    /// Unwraps what the connector made.
+    pub fn new(
+        io: hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+    ) -> Io {
+        match io {
+            hyper_rustls::MaybeHttpsStream::Http(tcp) => Io::Plain(tcp.into_inner()),
+            hyper_rustls::MaybeHttpsStream::Https(tls) => Io::Tls(Box::new(tls.into_inner())),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(_) => Poll::Ready(Ok(())),
+            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// A response head larger than this is refused (hyper's client allows about as much).
 const MAX_HEAD: usize = 64 * 1024;
@@ -76,9 +137,9 @@ impl Conn {
     /// The TCP socket, when the connection is plain TCP (not TLS): the one bodies can be
     /// spliced into and out of.
     fn tcp(&self) -> Option<&tokio::net::TcpStream> {
-        match self.io.inner() {
-            hyper_rustls::MaybeHttpsStream::Http(tcp) => Some(tcp.inner()),
-            hyper_rustls::MaybeHttpsStream::Https(_) => None,
+        match &self.io {
+            Io::Plain(tcp) => Some(tcp),
+            Io::Tls(_) => None,
         }
     }
 
@@ -154,6 +215,8 @@ pub struct Head<'a> {
     pub path_and_query: &'a str,
     pub host: &'a HeaderValue,
     pub headers: &'a HeaderMap,
+    /// Written after `headers`, which hold none of these names (see [`super::Extra`]).
+    pub extra: &'a super::Extra<'a>,
 }
 
 /// Sends one request on `conn` and reads the response head. `reused`: the connection served
@@ -310,6 +373,14 @@ fn write_head(out: &mut Vec<u8>, head: &Head<'_>, body: &PassBody) -> Framing {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in head.extra {
+        if let Some(value) = value {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     let framing = match body {
         PassBody::Buffered(b) => Framing::Length(b.len() as u64),
@@ -843,11 +914,17 @@ mod tests {
             map.append(*k, HeaderValue::from_static(v));
         }
         let host = HeaderValue::from_static("api.example");
+        let token = HeaderValue::from_static("Bearer t");
+        let extra = [
+            (HeaderName::from_static("authorizationtoken"), Some(&token)),
+            (HeaderName::from_static("x-satellogic-contract-id"), None),
+        ];
         let head = Head {
             method: &method,
             path_and_query: "/a?b=c",
             host: &host,
             headers: &map,
+            extra: &extra,
         };
         let mut out = Vec::new();
         write_head(&mut out, &head, &body);
@@ -868,7 +945,7 @@ mod tests {
         );
         assert_eq!(
             h,
-            "GET /a?b=c HTTP/1.1\r\nhost: api.example\r\nx-keep: 1\r\n\r\n"
+            "GET /a?b=c HTTP/1.1\r\nhost: api.example\r\nx-keep: 1\r\nauthorizationtoken: Bearer t\r\n\r\n"
         );
         let h = head_for(Method::POST, &[], PassBody::Buffered(Bytes::new()));
         assert!(h.ends_with("content-length: 0\r\n\r\n"), "{h}");

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -262,6 +262,12 @@ impl http_body::Body for Body {
     }
 }
 
+/// Fields the proxy adds to a request (its token, contract and request id), written after the
+/// request's header map, which holds none of these names; `None` adds nothing. Kept out of the
+/// map: inserting them would hash each name per request, and a retry with a newer token only
+/// changes this list.
+pub type Extra<'a> = [(HeaderName, Option<&'a HeaderValue>)];
+
 impl UpstreamClient {
     /// Sends a request and returns the response once its headers arrived. `target` is the path
     /// and query on the upstream (base path included). A pooled HTTP/1.1 connection
@@ -272,6 +278,7 @@ impl UpstreamClient {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        extra: &Extra<'_>,
         mut body: PassBody,
     ) -> Result<Response<Body>, Error> {
         let pool = &*self.inner;
@@ -298,6 +305,11 @@ impl UpstreamClient {
                     *req.headers_mut() = headers.clone();
                     // The client's Host names the proxy; the upstream's is in `:authority`.
                     req.headers_mut().remove(http::header::HOST);
+                    for (name, value) in extra {
+                        if let Some(value) = value {
+                            req.headers_mut().insert(name.clone(), (*value).clone());
+                        }
+                    }
                     return tx
                         .send_request(req)
                         .await
@@ -310,6 +322,7 @@ impl UpstreamClient {
                         path_and_query: target,
                         host: &pool.host,
                         headers,
+                        extra,
                     };
                     match h1::send(c, reused, &head, body, &pool.h1).await {
                         Ok(resp) => return Ok(resp.map(Body::H1)),
@@ -404,7 +417,7 @@ impl Pool {
             Ok(Conn::H2(tx))
         } else {
             self.protocol.store(PROTOCOL_H1, Ordering::Relaxed);
-            Ok(Conn::H1(h1::Conn::new(TokioIo::new(io))))
+            Ok(Conn::H1(h1::Conn::new(h1::Io::new(io))))
         }
     }
 }
