@@ -19,7 +19,6 @@ pub struct AdminState {
     pub tokens: Vec<Arc<TokenManager>>,
     pub shared: Arc<Shared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    pub max_in_flight: usize,
     /// Contract discovery of each credential that needs it: not ready while one is pending.
     pub discoveries: Vec<tokio::sync::watch::Receiver<crate::proxy::contract::Discovery>>,
 }
@@ -58,7 +57,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         "draining": draining,
         "contracts_discovered": !discovering,
         "tokens": tokens,
-        "in_flight": s.shared.in_flight(s.max_in_flight),
+        "in_flight": s.shared.in_flight(),
     });
     let status = if ready {
         StatusCode::OK
@@ -77,6 +76,7 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
                 .set(secs);
         }
     }
+    metrics::gauge!("aleph_proxy_in_flight_requests").set(s.shared.in_flight() as f64);
     match &s.metrics {
         Some(h) => (
             StatusCode::OK,

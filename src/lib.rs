@@ -319,7 +319,6 @@ pub async fn run_with(
         tokens: rt.tokens.clone(),
         shared: rt.shared.clone(),
         metrics,
-        max_in_flight: config.limits.max_in_flight,
         discoveries: discoveries.values().cloned().collect(),
     };
     let admin_cancel = CancellationToken::new();

@@ -288,17 +288,16 @@ thread_local! {
     static IDS: std::cell::RefCell<bytes::Bytes> = const { std::cell::RefCell::new(bytes::Bytes::new()) };
 }
 
-/// `IDS_PER_BLOCK` random ids of 32 hex digits (128 random bits each), back to back.
+/// `IDS_PER_BLOCK` random ids of 32 hex digits (128 random bits each), back to back: the random
+/// bytes drawn in one call, then written as hex two digits at a time.
 fn id_block() -> bytes::Bytes {
-    let mut block = Vec::with_capacity(ID_LEN * IDS_PER_BLOCK);
-    for _ in 0..IDS_PER_BLOCK {
-        let mut id = [0u8; ID_LEN];
-        let mut n = rand::random::<u128>();
-        for b in id.iter_mut().rev() {
-            *b = b"0123456789abcdef"[(n & 0xf) as usize];
-            n >>= 4;
-        }
-        block.extend_from_slice(&id);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut random = [0u8; ID_LEN / 2 * IDS_PER_BLOCK];
+    rand::fill(&mut random[..]);
+    let mut block = vec![0u8; ID_LEN * IDS_PER_BLOCK];
+    for (pair, b) in block.chunks_exact_mut(2).zip(random) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 0xf) as usize];
     }
     bytes::Bytes::from(block)
 }

@@ -13,7 +13,7 @@ pub mod response;
 use crate::telemetry::throttle::warn_throttled;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,6 @@ use crate::server::RequestBody as Incoming;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{IdleTimeout, PassBody, ProxyBody, Streaming};
 use crate::config::{Config, RetryConfig, Timeouts};
@@ -41,7 +40,7 @@ pub struct Shared {
     base_path: String,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
-    in_flight: Arc<Semaphore>,
+    in_flight: Arc<Slots>,
     pub response: response::ResponsePolicy,
     pub draining: AtomicBool,
 }
@@ -53,7 +52,10 @@ impl Shared {
             base_path: config.upstream.base_path().to_string(),
             timeouts: config.timeouts.clone(),
             retry: config.retry.clone(),
-            in_flight: Arc::new(Semaphore::new(config.limits.max_in_flight)),
+            in_flight: Arc::new(Slots {
+                used: AtomicUsize::new(0),
+                max: config.limits.max_in_flight,
+            }),
             response: response::ResponsePolicy::new(config),
             draining: AtomicBool::new(false),
         }
@@ -71,8 +73,8 @@ impl Shared {
     }
 
     /// Number of requests currently holding an in-flight slot.
-    pub fn in_flight(&self, max: usize) -> usize {
-        max - self.in_flight.available_permits()
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.used.load(Ordering::Relaxed)
     }
 }
 
@@ -87,21 +89,34 @@ pub struct Listener {
     pub public_url: Option<String>,
 }
 
+/// The in-flight slots (`limits.max_in_flight`): a count, as requests never wait for a slot.
+/// (`aleph_proxy_in_flight_requests` is set from it when `/metrics` is scraped.)
+pub struct Slots {
+    used: AtomicUsize,
+    max: usize,
+}
+
 /// Held for the life of a request, until its response body is fully sent.
 pub struct InFlight {
-    _permit: OwnedSemaphorePermit,
+    slots: Arc<Slots>,
 }
 
 impl InFlight {
-    fn new(permit: OwnedSemaphorePermit) -> InFlight {
-        meters().in_flight.increment(1.0);
-        InFlight { _permit: permit }
+    /// A slot, or None when all `max` are taken.
+    fn take(slots: &Arc<Slots>) -> Option<InFlight> {
+        if slots.used.fetch_add(1, Ordering::Relaxed) >= slots.max {
+            slots.used.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight {
+            slots: slots.clone(),
+        })
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        meters().in_flight.decrement(1.0);
+        self.slots.used.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -109,7 +124,6 @@ impl Drop for InFlight {
 /// looks its series up in the recorder (hashing the name and labels, building a label Vec).
 /// The first request comes after `run` installed the recorder, so the handles are live.
 struct Meters {
-    in_flight: metrics::Gauge,
     upstream_duration: metrics::Histogram,
     /// `aleph_proxy_requests_total` by method and status class, each created on first use so a
     /// series appears with its first request, as before.
@@ -119,7 +133,6 @@ struct Meters {
 fn meters() -> &'static Meters {
     static METERS: OnceLock<Meters> = OnceLock::new();
     METERS.get_or_init(|| Meters {
-        in_flight: metrics::gauge!("aleph_proxy_in_flight_requests"),
         upstream_duration: metrics::histogram!("aleph_proxy_upstream_duration_seconds"),
         requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     })
@@ -301,13 +314,10 @@ async fn serve(
         });
     }
     l.access.check(remote.ip(), req.headers())?;
-    let permit = match l.shared.in_flight.clone().try_acquire_owned() {
-        Ok(p) => InFlight::new(p),
-        Err(_) => {
-            return Err(ProxyError::Overloaded {
-                retry_after: Duration::from_secs(1),
-            })
-        }
+    let Some(permit) = InFlight::take(&l.shared.in_flight) else {
+        return Err(ProxyError::Overloaded {
+            retry_after: Duration::from_secs(1),
+        });
     };
     let public = l
         .shared
@@ -735,6 +745,23 @@ fn upstream_error_kind(e: &crate::upstream::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_slots_are_taken_up_to_the_limit_and_given_back() {
+        let slots = Arc::new(Slots {
+            used: AtomicUsize::new(0),
+            max: 2,
+        });
+        let a = InFlight::take(&slots).unwrap();
+        let b = InFlight::take(&slots).unwrap();
+        assert!(InFlight::take(&slots).is_none());
+        // A refusal leaves the count as it was.
+        assert_eq!(slots.used.load(Ordering::Relaxed), 2);
+        drop(a);
+        let c = InFlight::take(&slots).unwrap();
+        drop((b, c));
+        assert_eq!(slots.used.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn retry_after_forms() {
