@@ -1657,6 +1657,105 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     assert_eq!(get(&client(), h.url(PRODUCTS)).await.status(), 200);
 }
 
+/// A secret file that hangs when it is read again (a stuck NFS or CSI mount; here a FIFO with
+/// no writer) delays only the token request. On a one-thread runtime, which the proxy runs with
+/// one CPU, a blocking read would have stopped every request; the token request goes out with
+/// the secret in use once the read has had `SECRET_READ_TIMEOUT`.
+#[tokio::test]
+async fn a_hung_secret_file_delays_the_token_request_not_the_proxy() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    init();
+    let mock = Mock::start(MockOptions {
+        token_lifetime: Duration::from_secs(6),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, MOCK_CLIENT_SECRET).unwrap();
+    let toml = support::base_toml(&mock).replace(
+        &format!("client_secret = \"{MOCK_CLIENT_SECRET}\""),
+        &format!("client_secret_file = \"{}\"", secret.display()),
+    );
+    let config = aleph_proxy::config::from_figment(&figment::Figment::from(
+        <figment::providers::Toml as figment::providers::Format>::string(&format!(
+            "{toml}[contract]\ndefault = \"contract-123\"\n"
+        )),
+    ))
+    .unwrap();
+    let h = Harness::start_config(mock, config).await;
+    h.ready().await;
+    let fetched = h.token_fetches();
+
+    // The secret becomes a FIFO: opening it for reading blocks until a writer comes. A second
+    // name for it lets the end of the test (or the watchdog, should the proxy be stuck) release
+    // readers after the secret's name points elsewhere again.
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let held = dir.path().join("held");
+    std::fs::hard_link(&fifo, &held).unwrap();
+    std::fs::rename(&fifo, &secret).unwrap();
+    let release = move || {
+        // Non-blocking: with no reader waiting this fails at once (ENXIO), and that is fine.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&held)
+        {
+            let _ = f.write_all(MOCK_CLIENT_SECRET.as_bytes());
+        }
+    };
+    let watchdog_release = release.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(40));
+        watchdog_release();
+    });
+
+    // The refresh (a tenth of the 6 s life before expiry) reads the FIFO. Meanwhile every
+    // request is answered at once: 200, or 503 while the token has expired and its successor
+    // waits for the read to give up.
+    let c = client();
+    let start = Instant::now();
+    let mut statuses = Vec::new();
+    while h.token_fetches() == fetched {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no token request with the secret in use after the read hung"
+        );
+        let t = Instant::now();
+        let status = c.get(h.url(PRODUCTS)).send().await.unwrap().status();
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "a request took {:?} while the secret file hung",
+            t.elapsed()
+        );
+        assert!(status == 200 || status == 503, "{status}");
+        statuses.push(status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The read was given up on and the secret in use fetched a new token.
+    assert!(
+        start.elapsed() >= aleph_proxy::token::SECRET_READ_TIMEOUT,
+        "{:?}",
+        start.elapsed()
+    );
+    h.ready().await;
+    assert_eq!(get(&c, h.url(PRODUCTS)).await.status(), 200);
+    assert!(statuses.len() > 20, "{statuses:?}");
+
+    // A plain file again, then the readers still waiting on the FIFO are let go.
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, MOCK_CLIENT_SECRET).unwrap();
+    std::fs::rename(&plain, &secret).unwrap();
+    release();
+}
+
 /// `retry.max_elapsed` bounds a request's retries with their waits: a retry that is still waiting
 /// for response headers when the budget ends is cut there (504), instead of running on for
 /// `timeouts.response_headers`.

@@ -39,6 +39,9 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 86400);
 
 /// The most of a token endpoint answer the proxy reads; a larger body is a `malformed` fetch.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
+/// How long a token request waits for `auth.client_secret_file` to be read again before it
+/// goes out with the secret in use (a local file takes microseconds).
+pub const SECRET_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why an upstream 401 was passed through to the client (the `reason` label of
 /// `aleph_proxy_unauthorized_passed_through_total`).
@@ -529,25 +532,45 @@ impl TokenManager {
     /// The secret for the next token request. With `auth.client_secret_file`, the file is read
     /// again (a token request comes every few hours, or on a backoff during an outage), so a
     /// rotated secret is used from the next attempt on; an unreadable or empty file keeps the
-    /// secret in use.
-    fn secret_for_fetch(&self, current: &Mutex<Secret>) -> Secret {
-        let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = &self.cfg.client_secret_file {
-            match crate::config::read_secret_file(path) {
-                Ok((new, _)) if new.expose() != current.expose() => {
-                    tracing::info!(
-                        client_id = %self.cfg.client_id,
-                        "auth.client_secret_file holds a new secret: used from this token request on"
-                    );
-                    *current = new;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(
+    /// secret in use. The read runs on tokio's blocking pool and is given [`SECRET_READ_TIMEOUT`]:
+    /// a hung mount (NFS, a CSI driver) then delays this token request, not every request the
+    /// proxy is serving (with one CPU the runtime has a single thread), and the secret in use
+    /// goes out when the read does not finish in time.
+    async fn secret_for_fetch(&self, current: &Mutex<Secret>) -> Secret {
+        let lock = || current.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(path) = self.cfg.client_secret_file.clone() else {
+            return lock().clone();
+        };
+        let read = tokio::time::timeout(
+            SECRET_READ_TIMEOUT,
+            tokio::task::spawn_blocking(move || crate::config::read_secret_file(&path)),
+        )
+        .await;
+        let mut current = lock();
+        match read {
+            Ok(Ok(Ok((new, _)))) if new.expose() != current.expose() => {
+                tracing::info!(
                     client_id = %self.cfg.client_id,
-                    error = %e,
-                    "auth.client_secret_file cannot be read again: the secret read before stays in use"
-                ),
+                    "auth.client_secret_file holds a new secret: used from this token request on"
+                );
+                *current = new;
             }
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(
+                client_id = %self.cfg.client_id,
+                error = %e,
+                "auth.client_secret_file cannot be read again: the secret read before stays in use"
+            ),
+            Ok(Err(e)) => tracing::warn!(
+                client_id = %self.cfg.client_id,
+                error = %e,
+                "reading auth.client_secret_file failed: the secret read before stays in use"
+            ),
+            Err(_) => tracing::warn!(
+                client_id = %self.cfg.client_id,
+                timeout_ms = SECRET_READ_TIMEOUT.as_millis() as u64,
+                "auth.client_secret_file did not answer in time (a hung mount?): the secret read before is used for this token request"
+            ),
         }
         current.clone()
     }
@@ -561,7 +584,7 @@ impl TokenManager {
         let body = Secret::new(
             serde_json::json!({
                 "client_id": self.cfg.client_id,
-                "client_secret": self.secret_for_fetch(secret).expose(),
+                "client_secret": self.secret_for_fetch(secret).await.expose(),
                 "audience": self.cfg.audience,
                 "grant_type": "client_credentials",
             })
