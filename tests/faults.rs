@@ -1621,16 +1621,9 @@ async fn soak_20000_requests_100_clients_two_rotations_no_failures() {
     );
 }
 
-/// A rotated secret (a Kubernetes Secret update rewrites the mounted file) is picked up at the
-/// next token request, without a restart: a proxy started with an old secret recovers once the
-/// file holds the new one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_secret_file_is_used_without_a_restart() {
-    init();
-    let mock = Mock::start(MockOptions::default()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, "an-old-revoked-secret\n").unwrap();
+/// The proxy in front of `mock` with its client secret in the file `secret` (read from the
+/// configuration as a deployment gives it) and a default contract.
+async fn with_secret_file(mock: Mock, secret: &std::path::Path) -> Harness {
     let toml = support::base_toml(&mock).replace(
         &format!("client_secret = \"{MOCK_CLIENT_SECRET}\""),
         &format!("client_secret_file = \"{}\"", secret.display()),
@@ -1643,9 +1636,22 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     .unwrap();
     assert_eq!(
         config.credentials[0].client_secret_file.as_deref(),
-        Some(&*secret)
+        Some(secret)
     );
-    let h = Harness::start_config(mock, config).await;
+    Harness::start_config(mock, config).await
+}
+
+/// A rotated secret (a Kubernetes Secret update rewrites the mounted file) is picked up at the
+/// next token request, without a restart: a proxy started with an old secret recovers once the
+/// file holds the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_file_is_used_without_a_restart() {
+    init();
+    let mock = Mock::start(MockOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "an-old-revoked-secret\n").unwrap();
+    let h = with_secret_file(mock, &secret).await;
     // Rejected: not ready, and requests get the proxy's 503.
     eventually(Duration::from_secs(10), || async { h.token_fetches() >= 2 }).await;
     assert_eq!(readyz(&h).await.0, 503);
@@ -1675,17 +1681,7 @@ async fn a_hung_secret_file_delays_the_token_request_not_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("client-secret");
     std::fs::write(&secret, MOCK_CLIENT_SECRET).unwrap();
-    let toml = support::base_toml(&mock).replace(
-        &format!("client_secret = \"{MOCK_CLIENT_SECRET}\""),
-        &format!("client_secret_file = \"{}\"", secret.display()),
-    );
-    let config = aleph_proxy::config::from_figment(&figment::Figment::from(
-        <figment::providers::Toml as figment::providers::Format>::string(&format!(
-            "{toml}[contract]\ndefault = \"contract-123\"\n"
-        )),
-    ))
-    .unwrap();
-    let h = Harness::start_config(mock, config).await;
+    let h = with_secret_file(mock, &secret).await;
     h.ready().await;
     let fetched = h.token_fetches();
 
