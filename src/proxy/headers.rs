@@ -66,7 +66,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                     && !n.eq_ignore_ascii_case("keep-alive")
             })
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            // Never let Connection remove end-to-end essentials we set ourselves.
+            // The API's token and contract fields are never taken for hop-by-hop ones (on a
+            // request the proxy's own go out after the map anyway: `injected`).
             .filter(|n| *n != AUTHORIZATION_TOKEN && *n != CONTRACT_ID)
             .filter(|n| !HOP_BY_HOP.contains(n))
             .collect();
