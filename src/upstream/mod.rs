@@ -77,7 +77,15 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String
 
 /// TCP, directly or through a CONNECT tunnel of the egress proxy.
 #[derive(Clone)]
-pub enum Connector {
+pub struct Connector {
+    route: Route,
+    /// `tcp.client_congestion_control`: with `auto`, a connection to a loopback peer (an
+    /// upstream or an egress proxy on this host) leaves a pacing algorithm (`crate::tcp`).
+    congestion: crate::tcp::Congestion,
+}
+
+#[derive(Clone)]
+enum Route {
     Direct(HttpConnector),
     Tunnel(Tunnel<HttpConnector>),
 }
@@ -88,23 +96,29 @@ impl Service<http::Uri> for Connector {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            Connector::Direct(c) => c.poll_ready(cx).map_err(Into::into),
-            Connector::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
+        match &mut self.route {
+            Route::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Route::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
         }
     }
 
     fn call(&mut self, dst: http::Uri) -> Self::Future {
-        match self {
-            Connector::Direct(c) => {
+        let connecting: Self::Future = match &mut self.route {
+            Route::Direct(c) => {
                 let fut = c.call(dst);
                 Box::pin(async move { fut.await.map_err(Into::into) })
             }
-            Connector::Tunnel(t) => {
+            Route::Tunnel(t) => {
                 let fut = t.call(dst);
                 Box::pin(async move { fut.await.map_err(Into::into) })
             }
-        }
+        };
+        let congestion = self.congestion.clone();
+        Box::pin(async move {
+            let io = connecting.await?;
+            crate::tcp::on_connect(io.inner(), &congestion);
+            Ok(io)
+        })
     }
 }
 
@@ -444,9 +458,13 @@ pub fn client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
                 auth.set_sensitive(true);
                 tunnel = tunnel.with_auth(auth);
             }
-            Connector::Tunnel(tunnel)
+            Route::Tunnel(tunnel)
         }
-        None => Connector::Direct(http),
+        None => Route::Direct(http),
+    };
+    let connector = Connector {
+        route: connector,
+        congestion: config.client_congestion.clone(),
     };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -480,5 +498,46 @@ pub fn client(config: &Config, tls: rustls::ClientConfig) -> UpstreamClient {
             protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
             connecting: tokio::sync::Mutex::new(()),
         }),
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::tcp::Congestion;
+
+    /// The connector hands every new connection to `tcp::on_connect`: on a host whose default
+    /// paces (BBR), `auto` moves a connection to a loopback upstream to Reno and `system` keeps
+    /// the default; elsewhere both keep the host's default.
+    #[tokio::test]
+    async fn loopback_upstream_connections_follow_the_congestion_setting() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/", tcp.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let host = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        for (mode, paced_becomes) in [(Congestion::Auto, "reno"), (Congestion::System, "bbr")] {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            let mut connector = Connector {
+                route: Route::Direct(http),
+                congestion: mode.clone(),
+            };
+            let io = connector.call(uri.clone()).await.unwrap();
+            let _accepted = tcp.accept().await.unwrap();
+            let algorithm = rustix::net::sockopt::tcp_congestion(io.inner()).unwrap();
+            if host.starts_with("bbr") {
+                let want = if paced_becomes == "bbr" {
+                    host.as_str()
+                } else {
+                    paced_becomes
+                };
+                assert_eq!(algorithm, want, "{mode:?}");
+            } else {
+                assert_eq!(algorithm, host, "{mode:?}");
+            }
+        }
     }
 }
