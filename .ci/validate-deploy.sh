@@ -241,7 +241,7 @@ if not allowed:
     problems.append("Dockerfile: the list of libraries distroless/cc provides was not found")
 else:
     allowed = set(allowed.group(1).split("|"))
-    for build in ("target/debug/aleph-proxy", "target/release/aleph-proxy"):
+    for build in ("target/debug/aleph-proxy", "target/release/aleph-proxy", "target/pgo/aleph-proxy"):
         if not os.path.exists(build):
             continue
         if shutil.which("readelf") is None:
