@@ -133,9 +133,22 @@ impl Harness {
             .unwrap()
     }
 
-    /// The proxy's `aleph_proxy_in_flight_requests` gauge.
+    /// The requests this proxy has in flight, as `/readyz` reports them. (Not the
+    /// `aleph_proxy_in_flight_requests` gauge: it is set from the scraped proxy's count when
+    /// `/metrics` is scraped, in a recorder that every proxy of a test binary shares, so a
+    /// scrape of another test's proxy between that set and the rendering would show its count.)
     pub async fn in_flight(&self) -> u64 {
-        self.metric("aleph_proxy_in_flight_requests").await as u64
+        let body: serde_json::Value = client()
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["in_flight"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/readyz has no in_flight count: {body}"))
     }
 
     /// Number of token endpoint requests so far.
