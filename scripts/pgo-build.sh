@@ -24,7 +24,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-target="$(rustc -vV | sed -n 's/^host: //p')"
+host="$(rustc -vV | sed -n 's/^host: //p')"
+target="$host"
 out=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -40,7 +41,7 @@ out="${out:-$base/pgo/aleph-proxy}"
 command -v curl >/dev/null || { echo "pgo-build.sh: needs curl" >&2; exit 1; }
 
 # llvm-profdata of rustc's own LLVM: a distribution's LLVM cannot read newer profile formats.
-profdata="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata"
+profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 if [[ ! -x "$profdata" ]]; then
     rustup component add llvm-tools
 fi

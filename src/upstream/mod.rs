@@ -103,15 +103,10 @@ impl Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, dst: http::Uri) -> Self::Future {
-        let connecting: Self::Future = match &mut self.route {
-            Route::Direct(c) => {
-                let fut = c.call(dst);
-                Box::pin(async move { fut.await.map_err(Into::into) })
-            }
-            Route::Tunnel(t) => {
-                let fut = t.call(dst);
-                Box::pin(async move { fut.await.map_err(Into::into) })
-            }
+        use futures_util::{future::Either, TryFutureExt};
+        let connecting = match &mut self.route {
+            Route::Direct(c) => Either::Left(c.call(dst).err_into::<BoxError>()),
+            Route::Tunnel(t) => Either::Right(t.call(dst).err_into::<BoxError>()),
         };
         let congestion = self.congestion.clone();
         Box::pin(async move {

@@ -138,14 +138,7 @@ impl Harness {
     /// `/metrics` is scraped, in a recorder that every proxy of a test binary shares, so a
     /// scrape of another test's proxy between that set and the rendering would show its count.)
     pub async fn in_flight(&self) -> u64 {
-        let body: serde_json::Value = client()
-            .get(self.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = get_json(&self.admin_url("/readyz")).await;
         body["in_flight"]
             .as_u64()
             .unwrap_or_else(|| panic!("/readyz has no in_flight count: {body}"))
